@@ -1,0 +1,82 @@
+"""tilscore: score tumour-infiltrating immune cells in IHC whole-slide images.
+
+The public API is small and imported lazily, so ``import tilscore`` stays fast:
+
+>>> import tilscore
+>>> slide = tilscore.open_slide("slide.svs")            # doctest: +SKIP
+>>> hdr = tilscore.deconvolve(slide.read_region(0, 0, 512, 512))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+from .errors import (
+    ConfigError,
+    MissingPixelSizeError,
+    RegionError,
+    SlideReadError,
+    TilscoreError,
+    TilscoreWarning,
+    UnsupportedFormatError,
+)
+
+# public name -> module that defines it (imported on first use)
+_LAZY = {
+    "Slide": "slide",
+    "open_slide": "slide",
+    "StainMatrix": "stain",
+    "deconvolve": "stain",
+    "reconstruct": "stain",
+    "estimate_background": "stain",
+    "estimate_stain_vectors": "stain",
+    "TissueMask": "tissue",
+    "tissue_mask": "tissue",
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .slide import Slide, open_slide
+    from .stain import (
+        StainMatrix,
+        deconvolve,
+        estimate_background,
+        estimate_stain_vectors,
+        reconstruct,
+    )
+    from .tissue import TissueMask, tissue_mask
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tilscore' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = [
+    "ConfigError",
+    "MissingPixelSizeError",
+    "RegionError",
+    "Slide",
+    "SlideReadError",
+    "StainMatrix",
+    "TilscoreError",
+    "TilscoreWarning",
+    "TissueMask",
+    "UnsupportedFormatError",
+    "__version__",
+    "deconvolve",
+    "estimate_background",
+    "estimate_stain_vectors",
+    "open_slide",
+    "reconstruct",
+    "tissue_mask",
+]
