@@ -7,6 +7,7 @@ present (``shared_data`` fixture).
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import math
 import struct
@@ -299,6 +300,34 @@ def test_grey_and_16_bit(tmp_path: Path) -> None:
         np.testing.assert_array_equal(got[..., 1], grey)
 
 
+def test_uncompressed_ycbcr_is_converted_to_rgb(tmp_path: Path, rgb: np.ndarray) -> None:
+    ycc = cv2.cvtColor(rgb, cv2.COLOR_RGB2YCrCb)[:, :, [0, 2, 1]]  # Y, Cb, Cr (BT.601, full)
+    path = tmp_path / "ycbcr.tif"
+    write_pyramid(path, ycc, levels=1, photometric="ycbcr", compression="zlib")
+    assert tifffile.TiffFile(path).pages[0].photometric == 6
+    with open_slide(path) as slide:
+        got = slide.read_region(0, 0, 520, 600)
+        assert np.abs(got.astype(int) - rgb).max() <= 3
+
+
+def test_miniswhite_and_palette(tmp_path: Path) -> None:
+    grey = make_image(100, 90, channels=1)[..., 0]
+    tifffile.imwrite(tmp_path / "mw.tif", 255 - grey, photometric="miniswhite", tile=(32, 32),
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # fmt: skip
+    with open_slide(tmp_path / "mw.tif") as slide:
+        np.testing.assert_array_equal(slide.read_region(0, 0, 90, 100)[..., 0], grey)
+    colormap = np.zeros((3, 256), np.uint16)
+    colormap[0] = np.arange(256) * 257  # index -> red ramp, 16-bit
+    colormap[2] = 65535
+    tifffile.imwrite(tmp_path / "pal.tif", grey, photometric="palette", colormap=colormap,
+                     resolution=(2e4, 2e4), resolutionunit="CENTIMETER")  # fmt: skip
+    with open_slide(tmp_path / "pal.tif") as slide:
+        got = slide.read_region(0, 0, 90, 100)
+        np.testing.assert_array_equal(got[..., 0], grey)
+        assert (got[..., 1] == 0).all()
+        assert (got[..., 2] == 255).all()
+
+
 def test_plain_stripped_tiff_resolution_in_inch(tmp_path: Path, rgb: np.ndarray) -> None:
     path = tmp_path / "plain.tif"
     tifffile.imwrite(path, rgb, photometric="rgb", rowsperstrip=37,
@@ -511,9 +540,19 @@ def test_closed_slide_raises(tiff_path: Path) -> None:
 
 def test_openslide_backend(tiff_path: Path, rgb: np.ndarray) -> None:
     pytest.importorskip("openslide")
-    with open_slide(tiff_path, backend="openslide") as slide:
+    with open_slide(tiff_path, mpp=0.5, backend="openslide") as slide:
         assert slide.vendor == "openslide"
         np.testing.assert_array_equal(slide.read_region(0, 0, 100, 80), rgb[:80, :100])
+
+
+def test_mrxs_without_openslide_says_how_to_install_it(tmp_path: Path) -> None:
+    if importlib.util.find_spec("openslide") is not None:
+        pytest.skip("openslide is installed")
+    path = tmp_path / "slide.mrxs"
+    path.write_text("[GENERAL]\n")
+    with pytest.raises(UnsupportedFormatError, match=r"tilscore\[openslide\]") as info:
+        open_slide(path)
+    assert str(path) in str(info.value)
 
 
 # -------------------------------------------------------------------------------- bad input ---

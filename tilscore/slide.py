@@ -50,7 +50,7 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-_OPENSLIDE_SUFFIXES = {".mrxs", ".vms", ".vmu", ".scn", ".bif", ".svslide", ".tif", ".tiff"}
+_OPENSLIDE_SUFFIXES = {".mrxs", ".vms", ".vmu", ".svslide"}  # not TIFF inside
 _JPEG_CODES = {6, 7, 33007, 34892}
 _ASSOCIATED = ("label", "macro", "thumbnail")
 _BOGUS_DPI = {72.0, 96.0}
@@ -745,7 +745,10 @@ class _OpenSlideBackend:
             self._osr = openslide.OpenSlide(str(path))
         except (openslide.OpenSlideUnsupportedFormatError, *self._errors) as e:
             raise UnsupportedFormatError(
-                f"neither tifffile nor OpenSlide can read it ({e})", path=path
+                f"is not a slide tilscore can read (OpenSlide: {e})",
+                path=path,
+                hint="Supported: SVS, NDPI, OME-TIFF, pyramidal TIFF, PNG, JPEG, DICOM, and what "
+                "OpenSlide reads",
             ) from e
         props = dict(self._osr.properties)
         meta = _Meta(
@@ -1161,7 +1164,7 @@ def _sniff(path: Path) -> str:
         return "image"
     if head[128:132] == b"DICM" or path.suffix.lower() == ".dcm":
         return "dicom"
-    if path.suffix.lower() in _OPENSLIDE_SUFFIXES:
+    if path.suffix.lower() in _OPENSLIDE_SUFFIXES or _openslide_available():
         return "openslide"
     raise UnsupportedFormatError(
         "is not a slide or image tilscore can read (not TIFF, PNG, JPEG or DICOM)",
@@ -1171,7 +1174,19 @@ def _sniff(path: Path) -> str:
     )
 
 
-def _open_backend(path: Path, backend: str) -> _Backend:
+def _openslide_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openslide") is not None
+
+
+def _open_backend(path: Path, backend: str, *, fallback: bool = False) -> _Backend:
+    """Open ``path`` with a backend; with ``fallback``, try OpenSlide where tifffile cannot."""
+    if backend == "tifffile" and fallback and _openslide_available():
+        try:
+            return _open_backend(path, "tifffile")
+        except UnsupportedFormatError:
+            return _OpenSlideBackend(path)
     if backend == "image":
         return _ImageBackend(path)
     if backend == "dicom":
@@ -1233,7 +1248,7 @@ def open_slide(
         kind = _sniff(path) if backend == "auto" else backend
     except OSError as e:
         raise SlideReadError(f"cannot read the file: {e}", path=path) from e
-    reader = _open_backend(path, kind)
+    reader = _open_backend(path, kind, fallback=backend == "auto")
     try:
         return Slide(path, reader, mpp)
     except BaseException:
