@@ -913,11 +913,8 @@ class Slide:
         Returns level 0 when even level 0 is coarser than ``mpp``.
         """
         mpp = _check_positive(mpp, "mpp")
-        best = 0
-        for level in range(self.level_count):
-            if self.level_mpp(level) <= mpp * 1.01:
-                best = level if self.level_mpp(level) >= self.level_mpp(best) else best
-        return best
+        fine_enough = [lv for lv in range(self.level_count) if self.level_mpp(lv) <= mpp * 1.01]
+        return max(fine_enough, key=self.level_mpp, default=0)
 
     def _check_level(self, level: int) -> None:
         if not isinstance(level, (int, np.integer)) or not 0 <= level < self.level_count:
@@ -978,6 +975,8 @@ class Slide:
         """
         self._check_level(level)
         width, height = _check_size(width, height, self.path)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise RegionError(f"region corner ({x}, {y}) must be finite", path=self.path)
         sx, sy = self._level_scale[level]
         lx, ly = math.floor(x / sx + 1e-9), math.floor(y / sy + 1e-9)
         return self._read_level_box(level, lx, ly, width, height)
