@@ -176,6 +176,16 @@ def test_deconvolve_writes_into_out():
         deconvolve(rgb, out=np.empty((32, 48, 3), dtype=np.float64))
 
 
+def test_deconvolve_large_image_matches_float64_reference():
+    # larger than one processing block (256 k pixels), odd sizes, estimated-style background
+    rgb = np.random.default_rng(4).integers(0, 256, (613, 701, 3), dtype=np.uint8)
+    bg = np.array([241.0, 236.5, 247.0])
+    stains = StainMatrix.from_vectors((0.6, 0.72, 0.33), (0.25, 0.6, 0.76), source="estimated")
+    od = -np.log10(np.maximum(rgb, 1) / bg)
+    expected = od @ np.linalg.inv(stains.vectors)
+    np.testing.assert_allclose(deconvolve(rgb, stains, bg), expected, atol=2e-5)
+
+
 def test_deconvolve_ignores_alpha_and_accepts_views():
     rgba = np.random.default_rng(2).integers(0, 256, (20, 30, 4), dtype=np.uint8)
     view = rgba[::2, 1::2]
