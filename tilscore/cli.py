@@ -67,11 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="run on the bundled example slides (info, tissue and stain QC for now)"
     )
     p.add_argument(
-        "-o", "--output", type=Path, default=Path("tilscore-demo"), metavar="DIR",
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("tilscore-demo"),
+        metavar="DIR",
         help="output folder (default: ./tilscore-demo)",
     )
     p.add_argument(
-        "--slides", type=Path, default=None, metavar="DIR",
+        "--slides",
+        type=Path,
+        default=None,
+        metavar="DIR",
         help="folder of example slides (default: the repository's example_slides/)",
     )
     p.set_defaults(func=_cmd_demo)
@@ -120,8 +127,11 @@ def _print_info(info: dict) -> None:
         table.add_column(col, justify="right")
     for lv in info["levels"]:
         table.add_row(
-            str(lv["level"]), str(lv["width_px"]), str(lv["height_px"]),
-            f"{lv['downsample']:.3f}", f"{lv['mpp']:.4f}",
+            str(lv["level"]),
+            str(lv["width_px"]),
+            str(lv["height_px"]),
+            f"{lv['downsample']:.3f}",
+            f"{lv['mpp']:.4f}",
         )
     console.print(table)
     if "thumbnail" in info:

@@ -26,9 +26,11 @@ def find_example_slides(slides_dir: Path | None = None) -> list[Path]:
         If the folder holds no slide.
     """
     folder = Path(slides_dir) if slides_dir is not None else REPO_EXAMPLES
-    slides = sorted(
-        p for p in folder.glob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file()
-    ) if folder.is_dir() else []
+    slides = (
+        sorted(p for p in folder.glob("*") if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        if folder.is_dir()
+        else []
+    )
     if not slides:
         raise SlideReadError(
             "no example slides found",
