@@ -7,7 +7,8 @@ The steps, in order (all thresholds are parameters; the defaults are documented 
 
 1. Glass: the optical density against the glass brightness ``I0`` (from
    :func:`tilscore.stain.estimate_background`) is smoothed (Gaussian, 1 mask px) and its maximum
-   over R, G, B thresholded by Otsu's method, clipped to ``[od_min, od_max]``. The clipping keeps
+   over R, G, B thresholded by Otsu's method, clipped to
+   ``[threshold_min_od, threshold_max_od]`` (default 0.03-0.15 OD). The clipping keeps
    the threshold sane when there is no glass (Otsu would then split pale from dark tissue) or no
    tissue (Otsu would split glass noise).
 2. Small holes (below ``max_hole_area_um2``) in the tissue are filled: nuclei-free pale
@@ -375,8 +376,8 @@ def tissue_mask(
     *,
     target_mpp: float = 8.0,
     background: Any = None,
-    od_min: float = 0.03,
-    od_max: float = 0.15,
+    threshold_min_od: float = 0.03,
+    threshold_max_od: float = 0.15,
     min_tissue_area_um2: float = MIN_TISSUE_AREA_UM2,
     max_hole_area_um2: float = MAX_HOLE_AREA_UM2,
     remove_pen: bool = True,
@@ -394,7 +395,7 @@ def tissue_mask(
         µm/px at which the mask is computed (a coarser source is used as it is).
     background
         Glass brightness ``I0`` per channel (8-bit); estimated from the image when ``None``.
-    od_min, od_max
+    threshold_min_od, threshold_max_od
         Bounds (OD units) of the Otsu threshold on the smoothed maximum channel OD.
     min_tissue_area_um2
         Smaller connected objects are removed (µm²; default 0.02 mm²).
@@ -429,8 +430,11 @@ def tissue_mask(
     od = optical_density(rgb, i0).max(axis=2)
     od = cv2.GaussianBlur(od, (0, 0), 1.0)
     finite = od[np.isfinite(od)]
-    otsu = float(threshold_otsu(finite)) if finite.size and np.ptp(finite) > 1e-6 else od_max
-    threshold = float(np.clip(otsu, od_min, od_max))
+    if finite.size and np.ptp(finite) > 1e-6:
+        otsu = float(threshold_otsu(finite))
+    else:
+        otsu = threshold_max_od
+    threshold = float(np.clip(otsu, threshold_min_od, threshold_max_od))
     tissue = od > threshold
 
     px_area = mask_mpp * mask_mpp
@@ -447,8 +451,8 @@ def tissue_mask(
         "pen_fraction": round(float(pen.mean()), 5) if pen.size else 0.0,
         "params": {
             "target_mpp": target_mpp,
-            "od_min": od_min,
-            "od_max": od_max,
+            "threshold_min_od": threshold_min_od,
+            "threshold_max_od": threshold_max_od,
             "min_tissue_area_um2": min_tissue_area_um2,
             "max_hole_area_um2": max_hole_area_um2,
             "remove_pen": remove_pen,
