@@ -5,9 +5,9 @@ returns a :class:`TissueMask` that knows its scale, so every query is in level-0
 
 The steps, in order (all thresholds are parameters; the defaults are documented there):
 
-1. Glass: the optical density against the glass brightness ``I0`` (from
-   :func:`tilscore.stain.estimate_background`) is smoothed (Gaussian, 1 mask px) and its maximum
-   over R, G, B thresholded by Otsu's method, clipped to
+1. Glass: the maximum over R, G, B of the optical density against the glass brightness ``I0``
+   (from :func:`tilscore.stain.estimate_background`), smoothed (Gaussian, sigma 1 mask px), is
+   thresholded by Otsu's method, clipped to
    ``[threshold_min_od, threshold_max_od]`` (default 0.03-0.15 OD). The clipping keeps
    the threshold sane when there is no glass (Otsu would then split pale from dark tissue) or no
    tissue (Otsu would split glass noise).
