@@ -7,7 +7,7 @@ tiled pyramidal TIFF (:func:`write_slide`, Aperio style or OME-TIFF) with its tr
 (:func:`write_truth`: cells CSV, QuPath GeoJSON regions, spec JSON).
 
 >>> from tilscore.synthetic import make_synthetic_slide, synthetic_tile
->>> layout = make_synthetic_slide("cd8.tif", marker="CD8", width_px=4000, height_px=3000)  # doctest: +SKIP
+>>> layout = make_synthetic_slide("cd8.tif", marker="CD8", width_px=4000)  # doctest: +SKIP
 >>> rgb, cells = synthetic_tile("CD68", size_px=512, seed=3)  # doctest: +SKIP
 
 Compartments of the truth (``compartment`` column):

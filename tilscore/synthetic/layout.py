@@ -215,7 +215,9 @@ class SyntheticSlideSpec:
                 if self.positive_fraction is None
                 else float(self.positive_fraction)
             ),
-            nerve_count=(3 if marker == "CD56" else 1) if self.nerve_count is None else self.nerve_count,
+            nerve_count=(3 if marker == "CD56" else 1)
+            if self.nerve_count is None
+            else self.nerve_count,
             h_scale=pick(self.h_scale, 1.0, lambda: round(rng.uniform(0.8, 1.2), 4)),
             dab_scale=pick(self.dab_scale, 1.0, lambda: round(rng.uniform(0.85, 1.2), 4)),
             stain_vectors=(tuple(vectors[0]), tuple(vectors[1])),
@@ -389,8 +391,7 @@ def _make_regions(spec: SyntheticSlideSpec, rng: np.random.Generator) -> dict[st
                 for p, _, _, f in shapes
             ]
             parts = [
-                shapely.affinity.translate(p, cx, cy)
-                for p, (_, cx, cy, _) in zip(parts, shapes)
+                shapely.affinity.translate(p, cx, cy) for p, (_, cx, cy, _) in zip(parts, shapes)
             ]
             return shapely.unary_union(parts)
 
@@ -637,7 +638,11 @@ def _place(kind, geom, n, rng, occ: _Occupancy, px_per_um, weight_fn):
         if have >= n:
             break
     xy = np.concatenate(xy_out) if xy_out else np.zeros((0, 2))
-    a = {k: np.concatenate([d[k] for d in a_out]) for k in a_out[0]} if a_out else _attrs(kind, 0, rng)
+    a = (
+        {k: np.concatenate([d[k] for d in a_out]) for k in a_out[0]}
+        if a_out
+        else _attrs(kind, 0, rng)
+    )
     return xy, a
 
 

@@ -23,6 +23,7 @@ _STROMA_H = 0.035  # pale collagen, hematoxylin only (no eosin in IHC)
 _NEST_H = 0.11  # tumour-cell cytoplasm
 _TISSUE_DAB = 0.02  # non-specific DAB background
 _NERVE_H = 0.05
+_BLOCK_PX = 384  # largest box rendered at once (canvas px a side)
 _MAX_CELL_UM = 17.0  # largest cell radius + membrane tail (macrophage 15 µm)
 
 # ----------------------------------------------------------------------------- textures
@@ -127,7 +128,7 @@ def _region_rasters(layout: SyntheticLayout) -> tuple[dict[str, np.ndarray], flo
     if "regions" not in cache:
         spec = layout.spec
         extent_um = max(spec.width_px, spec.height_px) * spec.mpp
-        grid_um = max(2.0, extent_um / 6000)
+        grid_um = max(2.0, extent_um / 4000)
         scale = spec.mpp / grid_um
         shape = (math.ceil(spec.height_px * scale) + 1, math.ceil(spec.width_px * scale) + 1)
         out = {}
@@ -136,8 +137,8 @@ def _region_rasters(layout: SyntheticLayout) -> tuple[dict[str, np.ndarray], flo
             geom = layout.regions[name]
             if not geom.is_empty:
                 _fill(mask, geom, scale, offset=(0.5, 0.5))
-            cov = cv2.GaussianBlur(mask.astype(np.float32), (5, 5), 0.8)
-            out[name] = cov
+            mask *= 255
+            out[name] = cv2.GaussianBlur(mask, (5, 5), 0.8)  # uint8 coverage
         cache["regions"] = (out, grid_um)
     return cache["regions"]
 
@@ -149,6 +150,7 @@ def _region_field(layout, name, xs_um, ys_um, edge) -> np.ndarray:
     mapx = np.ascontiguousarray(np.broadcast_to(mx[None, :], (len(ys_um), len(xs_um))))
     mapy = np.ascontiguousarray(np.broadcast_to(my[:, None], (len(ys_um), len(xs_um))))
     cov = cv2.remap(rasters[name], mapx, mapy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    cov = cov.astype(np.float32) * np.float32(1 / 255)
     return np.clip((cov - 0.5) * 3.0 + 0.5 + 0.25 * edge, 0.0, 1.0)
 
 
@@ -206,7 +208,7 @@ def _draw_cells(layout, idx, ox_px, oy_px, ds, shape, maps) -> None:
     vc = (p["y"] - oy_px) / ds - 0.5
     for psize in np.unique(size):
         sel = np.flatnonzero(size == psize)
-        chunk = max(1, 2_000_000 // (psize * psize))
+        chunk = max(1, 65_536 // (psize * psize))
         for start in range(0, len(sel), chunk):
             s = sel[start : start + chunk]
             _draw_chunk({k: v[s] for k, v in p.items()}, uc[s], vc[s], psize, pix, hc, wc, maps)
@@ -269,9 +271,15 @@ def _draw_chunk(p, uc, vc, psize, pix, hc, wc, maps) -> None:
     ii3 = np.broadcast_to(ii[:, :, None], hs.shape)
     jj3 = np.broadcast_to(jj[:, None, :], hs.shape)
     ok = (ii3 >= 0) & (ii3 < hc) & (jj3 >= 0) & (jj3 < wc)
-    flat = (ii3 * wc + jj3)[ok]
+    if not ok.any():
+        return
+    r0, r1 = max(int(ii.min()), 0), min(int(ii.max()) + 1, hc)
+    c0, c1 = max(int(jj.min()), 0), min(int(jj.max()) + 1, wc)
+    bw = c1 - c0
+    flat = ((ii3 - r0) * bw + (jj3 - c0))[ok]
     for target, val in zip(maps, (hs, ht, dsm, dg)):
-        target += np.bincount(flat, weights=val[ok], minlength=hc * wc).reshape(hc, wc)
+        acc = np.bincount(flat, weights=val[ok], minlength=(r1 - r0) * bw)
+        target[r0:r1, c0:c1] += acc.reshape(r1 - r0, bw)
 
 
 # ----------------------------------------------------------------------------- composition
@@ -300,9 +308,11 @@ def _render_od(layout: SyntheticLayout, x: float, y: float, w: int, h: int, mpp:
     ys_um = ((oy + (np.arange(hc) + 0.5) * ds) * spec.mpp).astype(np.float64)
 
     # cells
-    maps = [np.zeros((hc, wc), np.float64) for _ in range(4)]
+    maps = [np.zeros((hc, wc), np.float32) for _ in range(4)]
     margin = _MAX_CELL_UM / spec.mpp + ds
-    idx = _select_cells(layout, ox - margin, oy - margin, ox + wc * ds + margin, oy + hc * ds + margin)
+    idx = _select_cells(
+        layout, ox - margin, oy - margin, ox + wc * ds + margin, oy + hc * ds + margin
+    )
     _draw_cells(layout, idx, ox, oy, ds, (hc, wc), maps)
     hs, ht, dsm, dg = (m.astype(np.float32) for m in maps)
 
@@ -329,7 +339,11 @@ def _render_od(layout: SyntheticLayout, x: float, y: float, w: int, h: int, mpp:
     dab_bg = tissue * _TISSUE_DAB
     if spec.marker == "CD56":  # nerve bundles stain (fibrillar neuropil), they are not NK cells
         dab_bg = dab_bg + nerve * spec.nerve_dab * np.clip(0.8 + 0.3 * fibre, 0.3, 1.5)
-    d_map = dsm * np.clip(0.55 + 0.35 * gran, 0.2, 1.6) + dg * gran + dab_bg * (spec.dab_scale * spec.thickness_factor)
+    d_map = (
+        dsm * np.clip(0.55 + 0.35 * gran, 0.2, 1.6)
+        + dg * gran
+        + dab_bg * (spec.dab_scale * spec.thickness_factor)
+    )
     h_map *= spec.h_scale * spec.thickness_factor
 
     if sigma_px > 0.05:
@@ -393,6 +407,17 @@ def render_region(
     if width <= 0 or height <= 0 or mpp <= 0:
         raise RegionError(f"empty render box {width}x{height} px at {mpp} µm/px")
     ss = max(1, int(supersample))
+    block = max(64, _BLOCK_PX // ss)
+    if width > block or height > block:  # bounded memory: render blocks (tiling-independent)
+        ds = mpp / spec.mpp
+        out = np.empty((height, width, 3), np.uint8)
+        for by in range(0, height, block):
+            for bx in range(0, width, block):
+                bw, bh = min(block, width - bx), min(block, height - by)
+                out[by : by + bh, bx : bx + bw] = render_region(
+                    layout, x + bx * ds, y + by * ds, bw, bh, mpp, supersample=ss
+                )
+        return out
     od = _render_od(layout, x, y, width * ss, height * ss, mpp / ss)
     ds = mpp / spec.mpp
     noise = _pixel_noise(

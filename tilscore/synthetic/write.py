@@ -86,7 +86,7 @@ def write_slide(
     layout: SyntheticLayout,
     path: str | os.PathLike,
     *,
-    format: str = "aperio",  # noqa: A002 - the natural name here
+    format: str = "aperio",
     tile_size: int = 256,
     jpeg_quality: int = 80,
     downsample: int | None = None,
@@ -142,7 +142,10 @@ def write_slide(
     tmp = path.with_name(path.name + ".part")
     with tifffile.TiffWriter(tmp, bigtiff=bigtiff, ome=(fmt == "ome")) as tif:
         if fmt == "aperio":
-            head = f"{_APERIO}\r\n{w}x{h} [0,0 {w}x{h}] ({tile_size}x{tile_size}) JPEG/RGB Q={jpeg_quality}"
+            head = (
+                f"{_APERIO}\r\n{w}x{h} [0,0 {w}x{h}] ({tile_size}x{tile_size})"
+                f" JPEG/RGB Q={jpeg_quality}"
+            )
             meta = (
                 f"|AppMag = {mag}|MPP = {spec.mpp:.4f}|ScanScope ID = tilscore-synthetic"
                 f"|Filename = {path.stem}|Marker = {spec.marker}|Seed = {spec.seed}"
@@ -315,7 +318,7 @@ def make_synthetic_slide(
     height_px: int = 4096,
     mpp: float = 0.5,
     seed: int = 0,
-    format: str = "aperio",  # noqa: A002
+    format: str = "aperio",
     *,
     tile_size: int = 256,
     jpeg_quality: int = 80,
@@ -389,14 +392,20 @@ def synthetic_tile(
         "nerve_count": 1 if marker.upper() == "CD56" else 0,
     }
     options.update(overrides)
-    spec = SyntheticSlideSpec(marker=marker, width_px=size_px, height_px=size_px, mpp=mpp, seed=seed)
+    spec = SyntheticSlideSpec(
+        marker=marker, width_px=size_px, height_px=size_px, mpp=mpp, seed=seed
+    )
     layout = make_layout(spec, **options)
     rgb = render_region(layout, 0, 0, size_px, size_px, mpp)
     return rgb, cells_in_box(layout, 0, 0, size_px, size_px)
 
 
 #: the bundled example slides: name -> (marker, seed)
-EXAMPLES = {"synthetic_cd8": ("CD8", 11), "synthetic_cd68": ("CD68", 12), "synthetic_cd56": ("CD56", 13)}
+EXAMPLES = {
+    "synthetic_cd8": ("CD8", 11),
+    "synthetic_cd68": ("CD68", 12),
+    "synthetic_cd56": ("CD56", 13),
+}
 
 
 def make_example_slides(
