@@ -14,7 +14,9 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 def shared_data() -> Path:
     """The real test data beside the clone (../shared/data); skips where it is absent."""
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real test data not found at {SHARED_DATA} (CI places ../shared beside the clone)")
+        pytest.skip(
+            f"real test data not found at {SHARED_DATA} (CI places ../shared beside the clone)"
+        )
     return SHARED_DATA
 
 

@@ -7,10 +7,11 @@ The steps, in order (all thresholds are parameters; the defaults are documented 
 
 1. Glass: the maximum over R, G, B of the optical density against the glass brightness ``I0``
    (from :func:`tilscore.stain.estimate_background`), smoothed (Gaussian, sigma 1 mask px), is
-   thresholded by Otsu's method, clipped to
-   ``[threshold_min_od, threshold_max_od]`` (default 0.03-0.15 OD). The clipping keeps
-   the threshold sane when there is no glass (Otsu would then split pale from dark tissue) or no
-   tissue (Otsu would split glass noise).
+   thresholded at the lower of Otsu's threshold and the glass peak plus six times its noise
+   width (at least 0.02 OD; pale stroma lies between glass and Otsu's split of pale from dense
+   tissue), clipped to ``[threshold_min_od, threshold_max_od]`` (default 0.03-0.15 OD). The
+   clipping keeps the threshold sane when there is no glass (Otsu would then split pale from
+   dark tissue) or no tissue (Otsu would split glass noise).
 2. Small holes (below ``max_hole_area_um2``) in the tissue are filled: nuclei-free pale
    stroma, fat cells and small lumens count as tissue area.
 3. Pen marks and ink are removed, also where they cover tissue (domain.md lists pen marks among
@@ -370,6 +371,25 @@ def _read_source(
     return np.ascontiguousarray(rgb[..., :3]), eff, eff / slide_mpp
 
 
+def _glass_peak(od: np.ndarray) -> tuple[float, float]:
+    """OD of the glass peak (the histogram mode among low ODs) and its noise width.
+
+    The width is measured on the peak's left flank, which tissue cannot reach (tissue only adds
+    optical density): the root mean square distance of the values below the mode.
+    """
+    if od.size == 0:
+        return 0.0, 0.0
+    low = od[od < 0.3]
+    if low.size < 16:
+        return 0.0, 0.0
+    hist, edges = np.histogram(low, bins=300, range=(-0.3, 0.3))
+    i = int(np.argmax(hist))
+    mode = float(0.5 * (edges[i] + edges[i + 1]))
+    left = low[low <= mode]
+    sigma = float(np.sqrt(np.mean((left - mode) ** 2))) if left.size else 0.0
+    return mode, sigma
+
+
 def tissue_mask(
     source: Slide | np.ndarray,
     mpp: float | None = None,
@@ -434,7 +454,12 @@ def tissue_mask(
         otsu = float(threshold_otsu(finite))
     else:
         otsu = threshold_max_od
-    threshold = float(np.clip(otsu, threshold_min_od, threshold_max_od))
+    glass_level, glass_sigma = _glass_peak(finite)
+    # Otsu splits dense tissue from everything pale; pale stroma lies between glass and Otsu's
+    # threshold. Glass is a narrow peak whose left flank only glass populates (tissue adds OD),
+    # so a threshold a few noise widths above that peak keeps pale tissue too.
+    glass_cut = glass_level + max(6.0 * glass_sigma, 0.02)
+    threshold = float(np.clip(min(otsu, glass_cut), threshold_min_od, threshold_max_od))
     tissue = od > threshold
 
     px_area = mask_mpp * mask_mpp
@@ -448,6 +473,8 @@ def tissue_mask(
         "background_source": background_source,
         "od_threshold": round(threshold, 4),
         "otsu_threshold": round(otsu, 4),
+        "glass_od": round(glass_level, 4),
+        "glass_od_sigma": round(glass_sigma, 4),
         "pen_fraction": round(float(pen.mean()), 5) if pen.size else 0.0,
         "params": {
             "target_mpp": target_mpp,
