@@ -15,12 +15,15 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("examples", help="write the CD8, CD68 and CD56 example slides")
     ex.add_argument("outdir", type=Path)
-    ex.add_argument("--width", type=int, default=5000, help="level-0 width in px")
-    ex.add_argument("--height", type=int, default=4000, help="level-0 height in px")
+    ex.add_argument("--width", type=int, default=4000, help="level-0 width in px")
+    ex.add_argument("--height", type=int, default=3000, help="level-0 height in px")
     ex.add_argument("--mpp", type=float, default=0.5, help="level-0 µm/px")
+    ex.add_argument("--jpeg-quality", type=int, default=75, help="JPEG quality of the tiles")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    paths = make_example_slides(args.outdir, args.width, args.height, args.mpp)
+    paths = make_example_slides(
+        args.outdir, args.width, args.height, args.mpp, jpeg_quality=args.jpeg_quality
+    )
     total = 0
     for name, path in paths.items():
         files = [path, *truth_paths(path).values()]

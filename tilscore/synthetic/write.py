@@ -241,7 +241,8 @@ def regions_geojson(layout: SyntheticLayout) -> dict[str, Any]:
             {
                 "type": "Feature",
                 "id": f"tilscore-synthetic-{name}",
-                "geometry": json.loads(shapely.to_geojson(geom)),
+                # on a 0.01 px grid (set_precision keeps it valid): full digits only bloat the file
+                "geometry": json.loads(shapely.to_geojson(shapely.set_precision(geom, 0.01))),
                 "properties": {
                     "objectType": "annotation",
                     "name": cls,
@@ -409,9 +410,16 @@ EXAMPLES = {
 
 
 def make_example_slides(
-    outdir: str | os.PathLike, width_px: int = 5000, height_px: int = 4000, mpp: float = 0.5
+    outdir: str | os.PathLike,
+    width_px: int = 4000,
+    height_px: int = 3000,
+    mpp: float = 0.5,
+    jpeg_quality: int = 75,
 ) -> dict[str, Path]:
     """(Re)generate the example slides (CD8, CD68, CD56; Aperio-style .tif + truth) in ``outdir``.
+
+    The defaults are those of the bundled ``example_slides/`` (about 2.3 MB per slide with its
+    truth).
 
     Returns
     -------
@@ -423,7 +431,13 @@ def make_example_slides(
     for name, (marker, seed) in EXAMPLES.items():
         path = outdir / f"{name}.tif"
         make_synthetic_slide(
-            path, marker=marker, width_px=width_px, height_px=height_px, mpp=mpp, seed=seed
+            path,
+            marker=marker,
+            width_px=width_px,
+            height_px=height_px,
+            mpp=mpp,
+            seed=seed,
+            jpeg_quality=jpeg_quality,
         )
         out[name] = path
     return out
