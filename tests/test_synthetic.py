@@ -263,3 +263,25 @@ def test_make_synthetic_slide_writes_slide_and_truth(tmp_path):
     assert (tmp_path / "x.cells.csv").is_file()
     assert (tmp_path / "x.regions.geojson").is_file()
     assert layout.spec.width_px == 600
+
+
+@pytest.mark.parametrize("fmt", ["aperio", "ome"])
+def test_open_slide_reads_what_the_generator_wrote(tmp_path, fmt):
+    """The reader and the generator agree: pixel size, pyramid, associated images and pixels."""
+    from tilscore import open_slide
+
+    path = tmp_path / f"s.{'ome.tif' if fmt == 'ome' else 'tif'}"
+    layout = make_synthetic_slide(
+        path, marker="CD68", width_px=2400, height_px=1000, seed=9, format=fmt
+    )
+    with open_slide(path) as slide:
+        assert slide.dimensions == (2400, 1000)
+        assert slide.mpp == pytest.approx(0.5, rel=1e-4)
+        assert slide.vendor == ("ome" if fmt == "ome" else "aperio")
+        assert slide.level_count >= 2
+        assert slide.level_downsamples[0] == 1.0
+        got = slide.read_region(300, 200, 400, 300).astype(float)
+        coarse = slide.read_at_mpp(0, 0, 2400, 1000, 2.0)
+    want = render_region(layout, 300, 200, 400, 300, 0.5).astype(float)
+    assert np.abs(got - want).mean() < 4  # JPEG quality 80
+    assert coarse.shape == (250, 600, 3)
