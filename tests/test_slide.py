@@ -149,6 +149,7 @@ def test_hamamatsu_ndpi_metadata_and_levels(shared_data: Path) -> None:
 
 
 def test_dicom_partial_pyramid_monochrome(shared_data: Path) -> None:
+    pytest.importorskip("wsidicom", reason="DICOM support is the optional extra tilscore[dicom]")
     path = shared_data / "wsi-samples" / "dicom-wsi" / "nema-wg26-BPAEC-partial"
     with open_slide(path) as slide:
         assert slide.vendor == "dicom"

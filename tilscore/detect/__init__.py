@@ -1,0 +1,1 @@
+"""Cell detection (placeholder package; filled by the detector issue)."""
