@@ -663,3 +663,24 @@ def test_slide_is_the_public_class(tiff_path: Path) -> None:
         assert isinstance(slide, tilscore.Slide)
         assert isinstance(slide, Slide)
         assert "0.5 µm/px" in repr(slide)
+
+
+def test_from_array_wraps_an_image_in_memory() -> None:
+    from tilscore.slide import Slide
+
+    rgba = np.zeros((100, 120, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 255
+    rgba[:10, :10, 3] = 0  # transparent corner: composited over white
+    slide = Slide.from_array(rgba, mpp=0.25)
+    assert slide.dimensions == (120, 100)
+    assert slide.mpp_source == "user"
+    assert slide.read_region(0, 0, 2, 2)[0, 0].tolist() == [255, 255, 255]
+    assert slide.read_region(50, 50, 1, 1)[0, 0].tolist() == [200, 0, 0]
+    assert slide.read_at_mpp(0, 0, 120, 100, 0.5).shape == (50, 60, 3)
+    grey16 = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16)
+    assert Slide.from_array(grey16, 0.5).read_region(0, 0, 64, 64).dtype == np.uint8
+    with pytest.raises(MissingPixelSizeError, match="mpp="):
+        Slide.from_array(rgba, None)
+    with pytest.raises(ConfigError, match="shape"):
+        Slide.from_array(np.zeros((4, 4, 5), np.uint8), 0.5)

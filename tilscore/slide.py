@@ -667,6 +667,32 @@ class _ImageBackend:
         self._rgb = np.zeros((0, 0, 3), np.uint8)
 
 
+class _ArrayBackend:
+    """An image already in memory (a numpy array), as a one-level slide."""
+
+    def __init__(self, image: np.ndarray, name: str) -> None:
+        arr = np.asarray(image)
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 2, 3, 4)):
+            raise ConfigError(
+                f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}",
+                path=name,
+            )
+        if arr.shape[0] < 1 or arr.shape[1] < 1:
+            raise ConfigError(f"image is empty (shape {arr.shape})", path=name)
+        self._rgb = _to_rgb(arr)
+        h, w = self._rgb.shape[:2]
+        self.meta = _Meta("array", [(w, h)], properties={"tilscore.vendor": "array"}, associated={})
+
+    def preferred_chunk(self, level: int) -> tuple[int, int]:
+        return 1024, 1024
+
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self._rgb[y : y + height, x : x + width].copy()
+
+    def close(self) -> None:
+        self._rgb = np.zeros((0, 0, 3), np.uint8)
+
+
 # -------------------------------------------------------------------------- DICOM (wsidicom) ---
 
 
@@ -840,7 +866,8 @@ class Slide:
     objective_power : float or None
         Scanning objective magnification, where the file records it.
     vendor : str
-        "aperio", "hamamatsu", "ome", "generic-tiff", "image", "dicom" or "openslide".
+        "aperio", "hamamatsu", "ome", "generic-tiff", "image", "dicom", "openslide" or "array"
+        (an image in memory, :meth:`from_array`).
     dimensions : tuple of int
         (width, height) of level 0 (px).
     level_count, level_dimensions, level_downsamples
@@ -880,6 +907,35 @@ class Slide:
         self.associated_images: Mapping[str, np.ndarray] = _LazyImages(
             dict(meta.associated or {}), path
         )
+
+    @classmethod
+    def from_array(cls, image: np.ndarray, mpp: float | None, name: str = "<array>") -> Slide:
+        """Wrap an image in memory as a one-level slide, so arrays and files share one API.
+
+        Parameters
+        ----------
+        image
+            (H, W) grey, (H, W, 3) RGB or (H, W, 4) RGBA; uint8, 16-bit or float (0-1). It is
+            converted to RGB uint8 (alpha composited over white).
+        mpp
+            Its pixel size (µm/px); required.
+        name
+            How errors and provenance name the image.
+
+        Raises
+        ------
+        MissingPixelSizeError
+            ``mpp`` is None.
+        ConfigError
+            The array is not an image, or ``mpp`` is not a positive finite number.
+        """
+        if mpp is None:
+            raise MissingPixelSizeError(
+                "no pixel size (µm/px) given for the image",
+                path=name,
+                hint="Pass mpp=, e.g. mpp=0.5 for a 20x scan",
+            )
+        return cls(Path(name), _ArrayBackend(image, name), _check_positive(mpp, "mpp"))
 
     # -- context manager / repr ------------------------------------------------------------
     def __enter__(self) -> Slide:
