@@ -1,0 +1,450 @@
+"""Marker rules: where each IHC marker's DAB is read, and when a cell counts as positive.
+
+A :class:`MarkerRule` says which compartment of a cell is measured (``"membrane"``: a thin ring
+just outside the nucleus; ``"cytoplasm"``: the cell minus its nucleus; ``"nucleus"``; ``"cell"``),
+how far the cell reaches around its nucleus (``expansion_um``, limited by neighbouring cells as in
+QuPath), the DAB optical-density threshold of a positive cell and of the 1+/2+/3+ bins, and which
+nucleus classes may be positive at all ("tumour", "immune", "other"): a CD8 T cell has a small
+round lymphocyte nucleus, so a brown tumour cell is never a CD8 T cell.
+
+How the presets' numbers were chosen
+------------------------------------
+QuPath's positive cell detection (domain.md) starts from a threshold of 0.2 OD on the measured
+compartment with bins 0.2 / 0.4 / 0.6. Those numbers fit a nuclear stain read over the whole
+nucleus. A membrane ring is thin (about 0.5 µm) and blurred by the optics, so the *mean* DAB OD
+over the 1.5 µm measurement ring is well below the rendered amplitude. The thresholds below were
+chosen by measuring :func:`tilscore.cells.measure_cells` on synthetic tiles
+(:func:`tilscore.synthetic.synthetic_tile`, randomised stain strength, hue, background, blur and
+noise; seeds 100-111 at 0.5 µm/px, truth nuclei positions as centres): for each marker the
+threshold lies between the 99th percentile of the marker-negative cells of the target class and
+the 2nd percentile of the weakest (1+) positives, and the bins map the rendered 1+/2+/3+
+amplitude boundaries (0.2 / 0.4 / 0.6 OD) through the measured ratio of ring mean to amplitude
+(``benchmarks/measure_marker_thresholds.py`` prints the table; see the values in the presets'
+descriptions). Nuclear markers (FOXP3, Ki67) keep QuPath's values, since a nucleus mean is read
+where the stain sits.
+
+CD56 also stains nerve bundles (neuropil) and neuroendocrine tumour cells, which are not NK cells.
+The CD56 rule therefore (1) allows only "immune" nuclei, (2) caps the nucleus area at a
+lymphocyte's, and (3) rejects a cell whose surroundings are as brown as its ring
+(``max_surround_ratio``): a ring is a ring only if the DAB drops outside it; inside a nerve the
+DAB is an extended structure and ``dab_od_surround`` (mean DAB OD of a band 1-4 µm outside the
+cell) is about as high as the ring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError
+
+#: compartments a rule can measure, and the cells-table column each one reads
+MEASURES = {
+    "membrane": "dab_od_membrane",
+    "cytoplasm": "dab_od_cytoplasm",
+    "nucleus": "dab_od_nucleus",
+    "cell": "dab_od_cell",
+}
+#: nucleus classes used everywhere in tilscore
+CELL_CLASSES = ("tumour", "immune", "other")
+
+_FLOAT_FIELDS = (
+    "expansion_um",
+    "membrane_width_um",
+    "threshold_od",
+    "min_nucleus_area_um2",
+    "max_nucleus_area_um2",
+)
+
+
+def _as_float(name: str, value: Any, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"marker option {name} must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"marker option {name} must be a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ConfigError(f"marker option {name} must be finite, got {value!r}")
+    if out < 0:
+        raise ConfigError(f"marker option {name} must not be negative, got {value!r}")
+    return out
+
+
+@dataclass(frozen=True)
+class MarkerRule:
+    """How one IHC marker is read and called positive.
+
+    Parameters
+    ----------
+    name
+        Marker name ("CD8").
+    measure
+        Compartment whose mean DAB OD decides positivity: "membrane", "cytoplasm", "nucleus" or
+        "cell".
+    expansion_um
+        Cell expansion around the nucleus in µm (stops where neighbouring cells meet).
+    membrane_width_um
+        Width in µm of the ring just outside the nucleus used as "membrane".
+    threshold_od
+        DAB OD (mean over ``measure``) at or above which a cell is positive.
+    bins_od
+        Lower bounds (DAB OD) of the 1+, 2+ and 3+ intensity bins, increasing.
+    cell_classes
+        Nucleus classes that can be positive, e.g. ("immune",) for CD8.
+    min_nucleus_area_um2, max_nucleus_area_um2
+        Nucleus area range in µm² of cells that can be positive.
+    description
+        One line on the marker and how its values were chosen.
+    max_surround_ratio
+        When set, a cell is negative if ``dab_od_surround`` (the band outside the cell) is at
+        least this fraction of the measured DAB OD: extended brown structures (nerves) are not
+        rings. ``None``: no such check.
+    """
+
+    name: str
+    measure: str
+    expansion_um: float
+    membrane_width_um: float
+    threshold_od: float
+    bins_od: tuple[float, float, float]
+    cell_classes: tuple[str, ...]
+    min_nucleus_area_um2: float = 10.0
+    max_nucleus_area_um2: float = 400.0
+    description: str = ""
+    max_surround_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ConfigError(f"marker name must be a non-empty string, got {self.name!r}")
+        if self.measure not in MEASURES:
+            raise ConfigError(
+                f"marker option measure must be one of {sorted(MEASURES)}, got {self.measure!r}"
+            )
+        for f in _FLOAT_FIELDS:
+            object.__setattr__(self, f, _as_float(f, getattr(self, f)))
+        object.__setattr__(
+            self,
+            "max_surround_ratio",
+            _as_float("max_surround_ratio", self.max_surround_ratio, allow_none=True),
+        )
+        bins = self.bins_od
+        if isinstance(bins, (str, bytes)) or not hasattr(bins, "__len__") or len(bins) != 3:
+            raise ConfigError(f"marker option bins_od must be 3 numbers, got {bins!r}")
+        bins = tuple(_as_float("bins_od", b) for b in bins)
+        if not (bins[0] <= bins[1] <= bins[2]):
+            raise ConfigError(f"marker option bins_od must be increasing, got {bins!r}")
+        object.__setattr__(self, "bins_od", bins)
+        classes = self.cell_classes
+        if isinstance(classes, str):
+            classes = (classes,)
+        classes = tuple(classes)
+        bad = [c for c in classes if c not in CELL_CLASSES]
+        if bad or not classes:
+            raise ConfigError(
+                f"marker option cell_classes must be a non-empty subset of {CELL_CLASSES}, "
+                f"got {self.cell_classes!r}"
+            )
+        object.__setattr__(self, "cell_classes", classes)
+        if self.min_nucleus_area_um2 > self.max_nucleus_area_um2:
+            raise ConfigError(
+                "marker option min_nucleus_area_um2 must not exceed max_nucleus_area_um2 "
+                f"({self.min_nucleus_area_um2} > {self.max_nucleus_area_um2})"
+            )
+
+    @property
+    def column(self) -> str:
+        """The cells-table column this rule reads (``dab_od_membrane`` ...)."""
+        return MEASURES[self.measure]
+
+    def with_overrides(self, **overrides: Any) -> MarkerRule:
+        """A copy with some values replaced, validated.
+
+        Raises
+        ------
+        ConfigError
+            An unknown field, or a value that is NaN, infinite, negative or of the wrong kind
+            (the message names the field).
+        """
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown marker option(s) {unknown}", hint=f"known options: {sorted(names)}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict of every value (recorded with results)."""
+        out = dataclasses.asdict(self)
+        out["bins_od"] = list(self.bins_od)
+        out["cell_classes"] = list(self.cell_classes)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MarkerRule:
+        """Inverse of :meth:`to_dict` (validated)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown marker option(s) {unknown}", hint=f"known options: {sorted(names)}"
+            )
+        return cls(**dict(data))
+
+
+_MEMBRANE_BINS = (0.10, 0.18, 0.27)
+_LYMPHOCYTE_MAX_AREA = 110.0  # µm², a 12 µm round nucleus; tumour nuclei are 80-300 µm²
+
+MARKERS: dict[str, MarkerRule] = {
+    "CD8": MarkerRule(
+        name="CD8",
+        measure="membrane",
+        expansion_um=3.0,
+        membrane_width_um=1.5,
+        threshold_od=0.06,
+        bins_od=_MEMBRANE_BINS,
+        cell_classes=("immune",),
+        max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
+        description="cytotoxic T cells: DAB ring around a small round nucleus",
+    ),
+    "CD56": MarkerRule(
+        name="CD56",
+        measure="membrane",
+        expansion_um=3.5,
+        membrane_width_um=2.0,
+        threshold_od=0.06,
+        bins_od=_MEMBRANE_BINS,
+        cell_classes=("immune",),
+        max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
+        max_surround_ratio=0.6,
+        description=(
+            "NK cells: DAB ring around a lymphocyte-size nucleus; nerves (brown surroundings) "
+            "and tumour cells are excluded"
+        ),
+    ),
+    "CD68": MarkerRule(
+        name="CD68",
+        measure="cytoplasm",
+        expansion_um=7.0,
+        membrane_width_um=1.5,
+        threshold_od=0.1,
+        bins_od=(0.12, 0.25, 0.4),
+        cell_classes=("immune", "other"),
+        description="macrophages: granular DAB in abundant cytoplasm; never tumour cells",
+    ),
+    "CD3": MarkerRule(
+        name="CD3",
+        measure="membrane",
+        expansion_um=3.0,
+        membrane_width_um=1.5,
+        threshold_od=0.06,
+        bins_od=_MEMBRANE_BINS,
+        cell_classes=("immune",),
+        max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
+        description="T cells: membranous DAB around a lymphocyte nucleus (as CD8)",
+    ),
+    "CD4": MarkerRule(
+        name="CD4",
+        measure="membrane",
+        expansion_um=3.0,
+        membrane_width_um=1.5,
+        threshold_od=0.06,
+        bins_od=_MEMBRANE_BINS,
+        cell_classes=("immune",),
+        max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
+        description="helper T cells: membranous DAB around a lymphocyte nucleus (as CD8)",
+    ),
+    "CD20": MarkerRule(
+        name="CD20",
+        measure="membrane",
+        expansion_um=3.0,
+        membrane_width_um=1.5,
+        threshold_od=0.06,
+        bins_od=_MEMBRANE_BINS,
+        cell_classes=("immune",),
+        max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
+        description="B cells: membranous DAB around a lymphocyte nucleus (as CD8)",
+    ),
+    "FOXP3": MarkerRule(
+        name="FOXP3",
+        measure="nucleus",
+        expansion_um=3.0,
+        membrane_width_um=1.5,
+        threshold_od=0.2,
+        bins_od=(0.2, 0.4, 0.6),
+        cell_classes=("immune",),
+        max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
+        description="regulatory T cells: nuclear DAB (QuPath's nucleus thresholds)",
+    ),
+    "KI67": MarkerRule(
+        name="Ki67",
+        measure="nucleus",
+        expansion_um=5.0,
+        membrane_width_um=1.5,
+        threshold_od=0.2,
+        bins_od=(0.2, 0.4, 0.6),
+        cell_classes=CELL_CLASSES,
+        description="proliferating cells of any class: nuclear DAB (QuPath's nucleus thresholds)",
+    ),
+}
+
+
+def _known() -> list[str]:
+    return [r.name for r in MARKERS.values()]
+
+
+def get_marker(name: str | MarkerRule, **overrides: Any) -> MarkerRule:
+    """The preset rule for a marker name (case-insensitive), with optional overrides.
+
+    Parameters
+    ----------
+    name
+        A marker name ("CD8", "cd68", "Ki67") or a :class:`MarkerRule` (returned, overridden).
+    **overrides
+        :class:`MarkerRule` fields to replace (validated).
+
+    Raises
+    ------
+    ConfigError
+        Unknown marker (the message lists the known names) or invalid override.
+    """
+    if isinstance(name, MarkerRule):
+        rule = name
+    else:
+        if not isinstance(name, str):
+            raise ConfigError(f"marker must be a name or a MarkerRule, got {name!r}")
+        rule = MARKERS.get(name.strip().upper())
+        if rule is None:
+            raise ConfigError(
+                f"unknown marker {name!r}",
+                hint=f"known markers: {', '.join(_known())}; or load a TOML config",
+            )
+    return rule.with_overrides(**overrides) if overrides else rule
+
+
+def _load_toml(path: str | os.PathLike) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ConfigError(
+                "reading TOML marker configs needs Python >= 3.11",
+                path=path,
+                hint="upgrade Python or `pip install tomli`",
+            ) from None
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError("marker config not found", path=path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"invalid TOML: {exc}", path=path) from None
+
+
+def load_marker_config(path: str | os.PathLike) -> dict[str, MarkerRule]:
+    """Marker rules from a TOML file: presets with overrides, and new markers.
+
+    ``[markers.CD8]`` with ``threshold_od = 0.25`` overrides the CD8 preset's threshold; a table
+    whose name is not a preset defines a new marker and must give every field without a
+    default (``measure``, ``expansion_um``, ``membrane_width_um``, ``threshold_od``,
+    ``bins_od``, ``cell_classes``).
+
+    Parameters
+    ----------
+    path
+        The TOML file.
+
+    Returns
+    -------
+    dict
+        Upper-case marker name -> :class:`MarkerRule`, presets included (overridden where the
+        file says so).
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file, invalid TOML, unknown field or invalid value (the message names the
+        file and the marker).
+    """
+    data = _load_toml(path)
+    unknown = sorted(set(data) - {"markers"})
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level table(s) {unknown}", path=path, hint="use [markers.NAME] tables"
+        )
+    tables = data.get("markers", {})
+    if not isinstance(tables, dict):
+        raise ConfigError("`markers` must be a table of tables", path=path)
+    out = dict(MARKERS)
+    for name, values in tables.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"[markers.{name}] must be a table", path=path)
+        try:
+            key = name.strip().upper()
+            if key in MARKERS:
+                out[key] = MARKERS[key].with_overrides(**values)
+            else:
+                out[key] = MarkerRule.from_dict({"name": name, **values})
+        except ConfigError as exc:
+            raise ConfigError(f"[markers.{name}]: {exc}", path=path) from None
+        except TypeError as exc:  # a missing required field of a new marker
+            raise ConfigError(f"[markers.{name}]: {exc}", path=path) from None
+    return out
+
+
+def classify_cells(cells: pd.DataFrame, rule: MarkerRule) -> pd.DataFrame:
+    """Set ``positive`` and ``intensity_bin`` of every cell by a marker rule (vectorised).
+
+    A cell is positive when its ``cell_class`` is in ``rule.cell_classes``, its nucleus area is
+    within the rule's range, its mean DAB OD over ``rule.measure`` is at least
+    ``rule.threshold_od`` and, where ``rule.max_surround_ratio`` is set and the table has
+    ``dab_od_surround``, its surroundings are clearly paler than the measured compartment.
+    ``intensity_bin`` is 1/2/3 for positives by ``rule.bins_od`` (at least 1), 0 otherwise.
+
+    Parameters
+    ----------
+    cells
+        A cells table with ``cell_class``, ``nucleus_area_um2`` (µm²) and the measured column.
+    rule
+        The marker rule.
+
+    Returns
+    -------
+    pandas.DataFrame
+        A copy of ``cells`` with ``positive`` (bool) and ``intensity_bin`` (int8).
+    """
+    rule = get_marker(rule)
+    col = rule.column
+    missing = [c for c in (col, "cell_class") if c not in cells.columns]
+    if missing:
+        raise ConfigError(
+            f"cells table lacks column(s) {missing} needed by marker {rule.name}",
+            hint="measure the cells first (tilscore.cells.measure_cells)",
+        )
+    out = cells.copy()
+    od = out[col].to_numpy(np.float64)
+    ok = out["cell_class"].isin(rule.cell_classes).to_numpy(dtype=bool, copy=True)
+    ok &= np.nan_to_num(od, nan=-np.inf) >= rule.threshold_od
+    if "nucleus_area_um2" in out.columns:
+        area = out["nucleus_area_um2"].to_numpy(np.float64)
+        ok &= (area >= rule.min_nucleus_area_um2) & (area <= rule.max_nucleus_area_um2)
+    if rule.max_surround_ratio is not None and "dab_od_surround" in out.columns:
+        surround = np.nan_to_num(out["dab_od_surround"].to_numpy(np.float64), nan=0.0)
+        ok &= surround < rule.max_surround_ratio * od
+    bins = np.clip(np.digitize(od, rule.bins_od), 1, 3)
+    out["positive"] = ok
+    out["intensity_bin"] = np.where(ok, bins, 0).astype(np.int8)
+    return out
