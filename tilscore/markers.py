@@ -12,16 +12,26 @@ How the presets' numbers were chosen
 QuPath's positive cell detection (domain.md) starts from a threshold of 0.2 OD on the measured
 compartment with bins 0.2 / 0.4 / 0.6. Those numbers fit a nuclear stain read over the whole
 nucleus. A membrane ring is thin (about 0.5 µm) and blurred by the optics, so the *mean* DAB OD
-over the 1.5 µm measurement ring is well below the rendered amplitude. The thresholds below were
-chosen by measuring :func:`tilscore.cells.measure_cells` on synthetic tiles
-(:func:`tilscore.synthetic.synthetic_tile`, randomised stain strength, hue, background, blur and
-noise; seeds 100-111 at 0.5 µm/px, truth nuclei positions as centres): for each marker the
-threshold lies between the 99th percentile of the marker-negative cells of the target class and
-the 2nd percentile of the weakest (1+) positives, and the bins map the rendered 1+/2+/3+
-amplitude boundaries (0.2 / 0.4 / 0.6 OD) through the measured ratio of ring mean to amplitude
-(``benchmarks/measure_marker_thresholds.py`` prints the table; see the values in the presets'
-descriptions). Nuclear markers (FOXP3, Ki67) keep QuPath's values, since a nucleus mean is read
-where the stain sits.
+over the 1.5-2 µm measurement ring is well below the rendered amplitude. The ring and cytoplasm
+values below were measured with :func:`tilscore.cells.measure_cells` on synthetic tiles
+(:func:`tilscore.synthetic.synthetic_tile`, 768 px at 0.5 µm/px, ``nest_fraction=0.25``,
+randomised stain strength, hue, background, blur and noise, seeds 100-105, truth centres and
+classes):
+
+- measured / rendered amplitude of positives: median 0.64 (CD8 ring, 10-90 %: 0.50-0.75),
+  0.57 (CD56 ring), 0.66 (CD68 cytoplasm, 0.41-0.79); so the amplitude bins 0.2 / 0.4 / 0.6
+  map to about **0.13 / 0.26 / 0.39** measured OD, used for every ring and cytoplasm marker;
+- CD8 ring: marker-negative lymphocytes 98th percentile 0.035, weakest (1+) positives 2nd
+  percentile 0.105: threshold **0.07** (also CD3, CD4, CD20, CD56, which share the geometry);
+- CD68 cytoplasm: negative lymphocytes and fibroblasts (which pick up a neighbouring
+  macrophage's DAB) 98th percentile 0.064-0.083, 1+ macrophages 2nd percentile 0.091:
+  threshold **0.08**;
+- CD56 surround/ring ratio: NK cells median 0.1 (one of 17 at 0.67, touching other brown
+  cells), nerve (Schwann) nuclei and lymphocytes inside nerves 0.68-1.5: ``max_surround_ratio``
+  **0.6**.
+
+Nuclear markers (FOXP3, Ki67) keep QuPath's values (0.2 / 0.2, 0.4, 0.6), since a nucleus mean is
+read where the stain sits.
 
 CD56 also stains nerve bundles (neuropil) and neuroendocrine tumour cells, which are not NK cells.
 The CD56 rule therefore (1) allows only "immune" nuclei, (2) caps the nucleus area at a
@@ -203,7 +213,8 @@ class MarkerRule:
         return cls(**dict(data))
 
 
-_MEMBRANE_BINS = (0.10, 0.18, 0.27)
+_RING_BINS = (0.13, 0.26, 0.39)  # measured OD of rendered 0.2 / 0.4 / 0.6 (see above)
+_RING_THRESHOLD = 0.07
 _LYMPHOCYTE_MAX_AREA = 110.0  # µm², a 12 µm round nucleus; tumour nuclei are 80-300 µm²
 
 MARKERS: dict[str, MarkerRule] = {
@@ -212,8 +223,8 @@ MARKERS: dict[str, MarkerRule] = {
         measure="membrane",
         expansion_um=3.0,
         membrane_width_um=1.5,
-        threshold_od=0.06,
-        bins_od=_MEMBRANE_BINS,
+        threshold_od=_RING_THRESHOLD,
+        bins_od=_RING_BINS,
         cell_classes=("immune",),
         max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
         description="cytotoxic T cells: DAB ring around a small round nucleus",
@@ -223,8 +234,8 @@ MARKERS: dict[str, MarkerRule] = {
         measure="membrane",
         expansion_um=3.5,
         membrane_width_um=2.0,
-        threshold_od=0.06,
-        bins_od=_MEMBRANE_BINS,
+        threshold_od=_RING_THRESHOLD,
+        bins_od=_RING_BINS,
         cell_classes=("immune",),
         max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
         max_surround_ratio=0.6,
@@ -238,8 +249,8 @@ MARKERS: dict[str, MarkerRule] = {
         measure="cytoplasm",
         expansion_um=7.0,
         membrane_width_um=1.5,
-        threshold_od=0.1,
-        bins_od=(0.12, 0.25, 0.4),
+        threshold_od=0.08,
+        bins_od=_RING_BINS,
         cell_classes=("immune", "other"),
         description="macrophages: granular DAB in abundant cytoplasm; never tumour cells",
     ),
@@ -248,8 +259,8 @@ MARKERS: dict[str, MarkerRule] = {
         measure="membrane",
         expansion_um=3.0,
         membrane_width_um=1.5,
-        threshold_od=0.06,
-        bins_od=_MEMBRANE_BINS,
+        threshold_od=_RING_THRESHOLD,
+        bins_od=_RING_BINS,
         cell_classes=("immune",),
         max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
         description="T cells: membranous DAB around a lymphocyte nucleus (as CD8)",
@@ -259,8 +270,8 @@ MARKERS: dict[str, MarkerRule] = {
         measure="membrane",
         expansion_um=3.0,
         membrane_width_um=1.5,
-        threshold_od=0.06,
-        bins_od=_MEMBRANE_BINS,
+        threshold_od=_RING_THRESHOLD,
+        bins_od=_RING_BINS,
         cell_classes=("immune",),
         max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
         description="helper T cells: membranous DAB around a lymphocyte nucleus (as CD8)",
@@ -270,8 +281,8 @@ MARKERS: dict[str, MarkerRule] = {
         measure="membrane",
         expansion_um=3.0,
         membrane_width_um=1.5,
-        threshold_od=0.06,
-        bins_od=_MEMBRANE_BINS,
+        threshold_od=_RING_THRESHOLD,
+        bins_od=_RING_BINS,
         cell_classes=("immune",),
         max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
         description="B cells: membranous DAB around a lymphocyte nucleus (as CD8)",
