@@ -1,0 +1,531 @@
+"""A small CNN nucleus detector: nucleus-centre heatmap + nucleus class, with shipped weights.
+
+The network (:func:`build_model`) is a four-level U-Net-like encoder/decoder whose first
+convolution has stride 2: it reads an RGB tile at 0.5 µm/px as optical density and predicts, at
+1 µm/px (half the input resolution),
+
+* one nucleus-centre heatmap channel (sigmoid; Gaussian targets of sigma 1.5 µm), and
+* four nucleus-class logits: background, "tumour", "immune", "other".
+
+:class:`CNNDetector` turns peaks of the heatmap (max-pool non-maximum suppression, threshold)
+into one row per cell with a confidence (the peak height) and the class with the largest mean
+probability around the peak. Weights are ``models/<name>/model.safetensors`` beside a
+``config.json`` (architecture, input scale and channels, decoding settings); nothing is ever
+downloaded. torch is imported only here, never at ``import tilscore``.
+
+Coordinates: ``x``, ``y`` are array-index coordinates of the input image (x = column): the
+centre of pixel ``(row i, column j)`` is ``(x=j, y=i)``, so ``round(x)`` is the column holding
+the centre. (The synthetic truth tables and :func:`tilscore.detect.detect_cells` use continuous
+coordinates, ``index + 0.5``.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError, TilscoreError
+
+#: nucleus classes predicted by the network (index 0 of the logits is background)
+CLASSES = ("tumour", "immune", "other")
+#: synthetic ``cell_type`` -> nucleus class
+CELL_TYPE_TO_CLASS = {
+    "tumour": "tumour",
+    "lymphocyte": "immune",
+    "nk": "immune",
+    "fibroblast": "other",
+    "macrophage": "other",
+    "nerve": "other",
+}
+
+#: architecture and decoding defaults (``config.json`` overrides each key)
+DEFAULT_CONFIG: dict[str, Any] = {
+    "architecture": "tiny-unet",
+    "in_channels": 3,
+    "widths": [16, 32, 64, 64],
+    "n_classes": len(CLASSES) + 1,
+    "classes": ["background", *CLASSES],
+    "mpp": 0.5,
+    "output_stride": 2,
+    "input": "od-rgb",
+    "od_clip": [0.0, 2.5],
+    "default_background": [255.0, 255.0, 255.0],
+    "heat_sigma_um": 1.5,
+    "threshold": 0.35,
+    "nms_radius_um": 2.5,
+    "bf16": False,
+}
+
+_MULTIPLE = 16  # the input size must be a multiple of this (stride 2 stem + 3 downsamplings)
+
+
+# ------------------------------------------------------------------------------------------------
+# model
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - torch is a dependency
+        raise TilscoreError(
+            "the CNN detector needs torch", hint="pip install torch, or use detector='classical'"
+        ) from exc
+    return torch
+
+
+def build_model(config: dict[str, Any] | None = None):
+    """The detector network described by ``config`` (see :data:`DEFAULT_CONFIG`).
+
+    Parameters
+    ----------
+    config
+        Architecture keys: ``in_channels``, ``widths`` (channels at 1, 2, 4 and 8 µm/px for a
+        0.5 µm/px input), ``n_classes`` (background included).
+
+    Returns
+    -------
+    torch.nn.Module
+        Maps (N, in_channels, H, W) float32 (H, W multiples of 16) to (N, 1 + n_classes,
+        H / 2, W / 2): heatmap logit, then class logits.
+    """
+    torch = _torch()
+    nn = torch.nn
+    cfg = {**DEFAULT_CONFIG, **(config or {})}
+    widths = [int(w) for w in cfg["widths"]]
+    if len(widths) < 2 or min(widths) < 1:
+        raise ConfigError(f"widths must be positive channel counts, got {cfg['widths']}")
+
+    def block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+        )
+
+    depth = [int(d) for d in cfg.get("depth", [1] * len(widths))]
+    stride = int(cfg["output_stride"])
+    head_level = round(math.log2(stride)) - 1  # level 0 is at stride 2
+    if (
+        len(depth) != len(widths)
+        or not 0 <= head_level < len(widths)
+        or 2 ** (head_level + 1) != stride
+    ):
+        raise ConfigError(f"bad architecture: widths {widths}, depth {depth}, stride {stride}")
+
+    class TinyUNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            w = widths
+            cin = int(cfg["in_channels"])
+            stages = []
+            for i, wi in enumerate(w):
+                layers = [block(cin if i == 0 else w[i - 1], wi, 2)]
+                layers += [block(wi, wi) for _ in range(depth[i])]
+                stages.append(nn.Sequential(*layers))
+            self.down = nn.ModuleList(stages)
+            levels = range(head_level, len(w) - 1)
+            self.lateral = nn.ModuleList([nn.Conv2d(w[i + 1], w[i], 1) for i in levels])
+            self.up = nn.ModuleList([block(w[i], w[i]) for i in levels])
+            self.head = nn.Conv2d(w[head_level], 1 + int(cfg["n_classes"]), 1)
+
+        def forward(self, x):
+            skips = []
+            for stage in self.down:
+                x = stage(x)
+                skips.append(x)
+            for j in range(len(self.up) - 1, -1, -1):
+                x = nn.functional.interpolate(self.lateral[j](x), scale_factor=2.0, mode="nearest")
+                x = self.up[j](x + skips[head_level + j])
+            return self.head(x)
+
+    return TinyUNet()
+
+
+def fuse_batchnorm(model) -> None:
+    """Fold every BatchNorm that follows a bias-free convolution into it (inference only)."""
+    torch = _torch()
+    nn = torch.nn
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        children = list(module.children())
+        if (
+            len(children) == 3
+            and isinstance(children[0], nn.Conv2d)
+            and isinstance(children[1], nn.BatchNorm2d)
+        ):
+            conv, bn = children[0], children[1]
+            with torch.no_grad():
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                bias = bn.bias - bn.running_mean * scale
+                conv.bias = nn.Parameter(bias.clone())
+            module[1] = nn.Identity()
+
+
+def save_weights(model, folder: str | Path, config: dict[str, Any]) -> str:
+    """Write ``model.safetensors`` and ``config.json`` into ``folder``; return the file's sha256."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    path = folder / "model.safetensors"
+    save_file(state, str(path), metadata={"format": "pt", "architecture": config["architecture"]})
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return sha256_of(path)
+
+
+def sha256_of(path: str | Path) -> str:
+    """Hex sha256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_config(folder: str | Path) -> dict[str, Any]:
+    """``config.json`` of a model folder merged over :data:`DEFAULT_CONFIG`."""
+    path = Path(folder) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(
+            f"cannot read the model config: {exc}", path=path, hint="reinstall tilscore"
+        ) from exc
+    return {**DEFAULT_CONFIG, **data}
+
+
+# ------------------------------------------------------------------------------------------------
+# input
+
+
+def od_input(
+    rgb: np.ndarray,
+    background: Sequence[float] | np.ndarray | None = None,
+    clip: Sequence[float] = (0.0, 2.5),
+) -> np.ndarray:
+    """Network input: optical density ``-log10(max(I, 1) / I0)`` per RGB channel, clipped.
+
+    Parameters
+    ----------
+    rgb
+        (H, W, 3) uint8 RGB.
+    background
+        Glass intensity ``I0`` (R, G, B) in 8-bit units; ``None`` = 255.
+    clip
+        (low, high) OD bounds.
+
+    Returns
+    -------
+    numpy.ndarray
+        (H, W, 3) float32.
+    """
+    import cv2
+
+    bg = np.full(3, 255.0) if background is None else np.asarray(background, np.float64)
+    if bg.shape != (3,) or not np.all(np.isfinite(bg)) or np.any(bg <= 1):
+        raise ConfigError(f"background must be 3 finite intensities > 1, got {background!r}")
+    levels = np.maximum(np.arange(256, dtype=np.float64), 1.0)
+    lut = np.clip(-np.log10(levels[:, None] / bg[None, :]), clip[0], clip[1])
+    lut = np.ascontiguousarray(lut.reshape(1, 256, 3), dtype=np.float32)
+    return cv2.LUT(np.ascontiguousarray(rgb), lut)
+
+
+def _check_rgb(rgb: Any) -> np.ndarray:
+    a = np.asarray(rgb)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise TilscoreError(f"expected an (H, W, 3) RGB image, got shape {a.shape}")
+    a = a[..., :3]
+    if a.dtype == np.uint16:
+        a = (a // 257).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and np.nanmax(a, initial=0.0) <= 1.0:
+            a = np.clip(np.nan_to_num(a) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        else:
+            raise TilscoreError(
+                f"expected a uint8 RGB image, got dtype {a.dtype}", hint="convert to uint8 first"
+            )
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise TilscoreError(f"empty image of shape {a.shape}")
+    return a
+
+
+# ------------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode(
+    heat: np.ndarray,
+    class_prob: np.ndarray,
+    *,
+    threshold: float,
+    nms_radius_px: int,
+    stride: int,
+    height: int,
+    width: int,
+) -> pd.DataFrame:
+    """Cells from one heatmap: local maxima above ``threshold``, refined to sub-pixel.
+
+    Parameters
+    ----------
+    heat
+        (h, w) float32 sigmoid heatmap at ``stride`` input px per pixel.
+    class_prob
+        (n_classes, h, w) float32 class probabilities (background first).
+    threshold
+        Smallest peak height kept (0-1).
+    nms_radius_px
+        Peaks closer than this (heatmap px, Chebyshev) to a higher one are dropped.
+    stride
+        Input px per heatmap px.
+    height, width
+        Input image size in px (cells outside are dropped).
+
+    Returns
+    -------
+    pandas.DataFrame
+        x, y (input px, array-index coordinates), confidence, cell_class.
+    """
+    from scipy import ndimage
+
+    size = 2 * int(nms_radius_px) + 1
+    local_max = ndimage.maximum_filter(heat, size=size, mode="constant", cval=0.0)
+    peaks = (heat >= local_max) & (heat >= threshold)
+    rows, cols = np.nonzero(peaks)
+    h, w = heat.shape
+    if rows.size:
+        # 3x3 weighted centroid (clipped at the border) for sub-pixel centres
+        offs = np.array([-1, 0, 1])
+        rr = np.clip(rows[:, None, None] + offs[None, :, None], 0, h - 1)
+        cc = np.clip(cols[:, None, None] + offs[None, None, :], 0, w - 1)
+        patch = heat[rr, cc]
+        patch = np.maximum(patch - patch.min(axis=(1, 2), keepdims=True), 0) + 1e-6
+        tot = patch.sum(axis=(1, 2))
+        dy = (patch * offs[None, :, None]).sum(axis=(1, 2)) / tot
+        dx = (patch * offs[None, None, :]).sum(axis=(1, 2)) / tot
+        probs = class_prob[1:, rr, cc].mean(axis=(2, 3))  # (classes, n)
+        cls = np.asarray(CLASSES, dtype=object)[np.argmax(probs, axis=0)]
+        conf = heat[rows, cols]
+        x = (cols + 0.5 + dx) * stride - 0.5  # heatmap px j covers input [s*j, s*j + s)
+        y = (rows + 0.5 + dy) * stride - 0.5
+    else:
+        x = y = conf = np.zeros(0, np.float64)
+        cls = np.zeros(0, dtype=object)
+    keep = (x >= -0.5) & (x < width - 0.5) & (y >= -0.5) & (y < height - 0.5)
+    return pd.DataFrame(
+        {
+            "x": x[keep].astype(np.float64),
+            "y": y[keep].astype(np.float64),
+            "confidence": conf[keep].astype(np.float32),
+            "cell_class": pd.Series(cls[keep], dtype=object),
+        }
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# detector
+
+
+@dataclass
+class CNNDetector:
+    """A loaded nucleus detector; use :meth:`load`.
+
+    Attributes
+    ----------
+    model
+        The torch module (BatchNorm folded, eval mode, channels-last).
+    config
+        Merged ``config.json``.
+    name
+        Model name (folder under ``tilscore.models``) or path.
+    sha256
+        Hex sha256 of the weights file (provenance; record it with results).
+    device
+        torch device string.
+    """
+
+    model: Any
+    config: dict[str, Any]
+    name: str
+    sha256: str
+    device: str = "cpu"
+
+    @property
+    def mpp(self) -> float:
+        """µm/px the network expects its input at."""
+        return float(self.config["mpp"])
+
+    @property
+    def threshold(self) -> float:
+        """Default heatmap threshold of :meth:`predict`."""
+        return float(self.config["threshold"])
+
+    @classmethod
+    def load(cls, name: str | Path = "default", device: str | None = None) -> CNNDetector:
+        """Load shipped weights (no network access, ever).
+
+        Parameters
+        ----------
+        name
+            A model name under ``tilscore.models`` (``"default"``), or a folder holding
+            ``model.safetensors`` and ``config.json``.
+        device
+            "cpu", "cuda", "cuda:1" ...; ``None``: CUDA when available, else CPU.
+        """
+        torch = _torch()
+        from safetensors.torch import load_file
+
+        folder = Path(name)
+        if not (folder / "model.safetensors").is_file():
+            from tilscore.models import model_dir
+
+            folder = model_dir(str(name))
+        config = load_config(folder)
+        weights = folder / "model.safetensors"
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = build_model(config)
+        try:
+            state = load_file(str(weights))
+            model.load_state_dict(state)
+        except (OSError, RuntimeError) as exc:
+            raise ConfigError(
+                f"cannot load the model weights: {exc}", path=weights, hint="reinstall tilscore"
+            ) from exc
+        model.eval()
+        fuse_batchnorm(model)
+        model = model.to(device=device, memory_format=torch.channels_last)
+        return cls(model, config, str(name), sha256_of(weights), str(device))
+
+    # -- inference --------------------------------------------------------------------------------
+
+    def _forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, H, W, 3) float32 OD (H, W multiples of 16) -> heat (N, h, w), probs (N, C, h, w)."""
+        torch = _torch()
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        use_bf16 = bool(self.config.get("bf16", False))
+        dev_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        with torch.inference_mode(), torch.autocast(dev_type, torch.bfloat16, enabled=use_bf16):
+            out = self.model(x).float()
+            heat = torch.sigmoid(out[:, 0])
+            prob = torch.softmax(out[:, 1:], dim=1)
+        return heat.cpu().numpy(), prob.cpu().numpy()
+
+    def _prepare(self, rgb: Any, background, shape: tuple[int, int]) -> np.ndarray:
+        a = _check_rgb(rgb)
+        bg = self.config["default_background"] if background is None else background
+        od = od_input(a, bg, self.config["od_clip"])
+        out = np.zeros((*shape, 3), np.float32)  # padding = OD 0 = glass
+        out[: a.shape[0], : a.shape[1]] = od
+        return out
+
+    def predict(
+        self,
+        rgb: np.ndarray,
+        background: Sequence[float] | np.ndarray | None = None,
+        *,
+        threshold: float | None = None,
+    ) -> tuple[pd.DataFrame, np.ndarray | None]:
+        """Detect nuclei in one RGB image at :attr:`mpp` µm/px.
+
+        Parameters
+        ----------
+        rgb
+            (H, W, 3) uint8 RGB at ``self.mpp`` µm/px, any size (padded internally with glass).
+        background
+            Glass intensity ``I0`` (R, G, B) of the slide (8-bit units), e.g. from
+            :func:`tilscore.stain.estimate_background` on a thumbnail; ``None`` = 255.
+        threshold
+            Heatmap peak threshold (0-1); default ``self.threshold`` (tuned on synthetic
+            validation tiles).
+
+        Returns
+        -------
+        cells : pandas.DataFrame
+            x, y (px in ``rgb``, array indices: x = column, pixel centres at integers),
+            confidence (peak height, 0-1), cell_class ("tumour", "immune", "other").
+        nuclei : None
+            This model predicts no nucleus masks; :func:`tilscore.cells.measure_cells`
+            segments them.
+        """
+        return self.predict_batch([rgb], background, threshold=threshold)[0]
+
+    def predict_batch(
+        self,
+        tiles: Sequence[np.ndarray],
+        background: Sequence[float] | np.ndarray | None = None,
+        *,
+        threshold: float | None = None,
+        batch_size: int = 8,
+    ) -> list[tuple[pd.DataFrame, np.ndarray | None]]:
+        """:meth:`predict` for many tiles, run through the network in batches.
+
+        Tiles of different sizes are padded to the largest (results do not depend on the
+        batch companions beyond float rounding).
+        """
+        thr = self.threshold if threshold is None else float(threshold)
+        if not math.isfinite(thr) or not 0.0 < thr < 1.0:
+            raise ConfigError(f"threshold must be in (0, 1), got {threshold!r}")
+        stride = int(self.config["output_stride"])
+        nms_px = max(1, round(float(self.config["nms_radius_um"]) / (self.mpp * stride)))
+        arrays = [_check_rgb(t) for t in tiles]
+        results: list[tuple[pd.DataFrame, np.ndarray | None]] = []
+        for start in range(0, len(arrays), max(1, int(batch_size))):
+            chunk = arrays[start : start + max(1, int(batch_size))]
+            hmax = max(a.shape[0] for a in chunk)
+            wmax = max(a.shape[1] for a in chunk)
+            shape = (-(-hmax // _MULTIPLE) * _MULTIPLE, -(-wmax // _MULTIPLE) * _MULTIPLE)
+            batch = np.stack([self._prepare(a, background, shape) for a in chunk])
+            heat, prob = self._forward(batch)
+            for i, a in enumerate(chunk):
+                cells = decode(
+                    heat[i],
+                    prob[i],
+                    threshold=thr,
+                    nms_radius_px=nms_px,
+                    stride=stride,
+                    height=a.shape[0],
+                    width=a.shape[1],
+                )
+                results.append((cells, None))
+        return results
+
+    def heatmaps(
+        self, rgb: np.ndarray, background: Sequence[float] | np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raw outputs for one image: heat (h, w) and class probabilities (C, h, w) at 1/stride."""
+        a = _check_rgb(rgb)
+        shape = (-(-a.shape[0] // _MULTIPLE) * _MULTIPLE, -(-a.shape[1] // _MULTIPLE) * _MULTIPLE)
+        heat, prob = self._forward(self._prepare(a, background, shape)[None])
+        s = int(self.config["output_stride"])
+        h, w = -(-a.shape[0] // s), -(-a.shape[1] // s)
+        return heat[0, :h, :w], prob[0, :, :h, :w]
+
+
+def count_parameters(model) -> int:
+    """Number of trainable parameters."""
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def _quiet_estimate_background(rgb: np.ndarray) -> np.ndarray:
+    """estimate_background without the fallback warning (255 where no glass is visible)."""
+    from tilscore.errors import TilscoreWarning
+    from tilscore.stain import estimate_background
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TilscoreWarning)
+        return estimate_background(rgb)

@@ -1,0 +1,675 @@
+"""Train the CNN nucleus detector on synthetic tiles only (reproducible, CPU).
+
+    python -m tilscore.detect.train --config models/default/train.toml [--out models/default]
+
+Steps: render a pool of synthetic tiles (random marker, µm/px, densities and appearance; seeds
+from the config) with nucleus-centre and nucleus-class targets; train with heavy stain, scale,
+blur, noise and JPEG augmentation; tune the heatmap threshold on held-out synthetic validation
+tiles (separate seeds); write ``model.safetensors``, ``config.json`` and ``metrics.json``.
+
+Everything random follows ``seed`` in the config; the pool is cached under ``cache_dir``
+(default ``/tmp/tilscore-train``) keyed by the pool settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import cnn
+
+CLASS_INDEX = {c: i + 1 for i, c in enumerate(cnn.CLASSES)}
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+
+
+def load_train_config(path: str | Path) -> dict[str, Any]:
+    """Read the training TOML (sections: model, pool, augment, train, validation)."""
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+# ------------------------------------------------------------------------------------------------
+# targets
+
+
+def make_targets(
+    cells, shape: tuple[int, int], mpp: float, model_mpp: float, stride: int, sigma_um: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Heatmap and class targets at ``stride`` for a truth table of a render at ``mpp``.
+
+    The Gaussian sigma is ``sigma_um`` at the model's nominal scale (in model px, so a render
+    at another µm/px is a scale augmentation); a pixel belongs to the nucleus of the nearest
+    centre when within its radius (+ half an output px).
+    """
+    from scipy.spatial import cKDTree
+
+    h, w = shape[0] // stride, shape[1] // stride
+    heat = np.zeros((h, w), np.float32)
+    cls = np.zeros((h, w), np.uint8)
+    if len(cells) == 0:
+        return heat, cls
+    x = cells["x"].to_numpy(float) / stride - 0.5
+    y = cells["y"].to_numpy(float) / stride - 0.5
+    sigma = sigma_um / (model_mpp * stride)
+    r = math.ceil(3 * sigma)
+    for cx, cy in zip(x, y):
+        c0, r0 = round(cx), round(cy)
+        cs = slice(max(0, c0 - r), min(w, c0 + r + 1))
+        rs = slice(max(0, r0 - r), min(h, r0 + r + 1))
+        if cs.start >= cs.stop or rs.start >= rs.stop:
+            continue
+        gx = np.arange(cs.start, cs.stop) - cx
+        gy = np.arange(rs.start, rs.stop) - cy
+        g = np.exp(-(gy[:, None] ** 2 + gx[None, :] ** 2) / (2 * sigma**2)).astype(np.float32)
+        np.maximum(heat[rs, cs], g, out=heat[rs, cs])
+    tree = cKDTree(np.c_[x, y])
+    gy, gx = np.mgrid[0:h, 0:w]
+    dist, idx = tree.query(np.c_[gx.ravel(), gy.ravel()], k=1)
+    radius = cells["nucleus_diameter_um"].to_numpy(float) / 2 / mpp / stride + 0.5
+    labels = np.array([CLASS_INDEX[cnn.CELL_TYPE_TO_CLASS[t]] for t in cells["cell_type"]])
+    inside = dist <= radius[idx]
+    cls.ravel()[inside] = labels[idx[inside]]
+    return heat, cls
+
+
+# ------------------------------------------------------------------------------------------------
+# pool
+
+
+def _render_spec(cfg: dict[str, Any], seed: int, rng: np.random.Generator) -> dict[str, Any]:
+    pool = cfg["pool"]
+    markers = pool.get("markers", ["CD8", "CD68", "CD56"])
+    marker = str(markers[rng.integers(len(markers))])
+    mpp = float(rng.uniform(*pool.get("mpp_range", [0.4, 0.65])))
+    lym = float(rng.choice([0.3, 1.0, 2.0, 4.0]))
+    over = {
+        "tissue_fraction": float(rng.choice([1.0, 1.0, 0.85, 0.6])),
+        "tumour_bed_fraction": float(rng.uniform(0.2, 1.0)),
+        "nest_fraction": float(rng.uniform(0.15, 0.75)),
+        "fibroblast_density_per_mm2": float(rng.uniform(500, 2500)),
+        "tumour_cell_spacing_um": float(rng.uniform(12.0, 20.0)),
+        "immune_clustering": float(rng.uniform(0.3, 1.2)),
+        "hue_jitter_deg": float(rng.uniform(2.0, 10.0)),
+        "lymphocyte_density_per_mm2": {
+            "tumour": 80.0 * lym,
+            "stroma": 600.0 * lym,
+            "margin": 450.0 * lym,
+            "outside": 60.0 * lym,
+        },
+        "nerve_count": int(rng.choice([0, 0, 1, 2])) if marker == "CD56" else int(rng.integers(2)),
+    }
+    return {"marker": marker, "mpp": mpp, "seed": int(seed), "overrides": over}
+
+
+def render_one(cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Render one pool tile (size ``pool.render_px``) and its targets."""
+    from tilscore.synthetic import SyntheticSlideSpec, make_layout, render_region
+
+    rng = np.random.default_rng([int(cfg["seed"]), seed, 7])
+    r = _render_spec(cfg, seed, rng)
+    size = int(cfg["pool"]["render_px"])
+    spec = SyntheticSlideSpec(
+        marker=r["marker"], width_px=size, height_px=size, mpp=r["mpp"], seed=seed
+    )
+    try:
+        layout = make_layout(spec, **r["overrides"])
+    except IndexError:  # the generator finds no room for a nerve in a small tile
+        layout = make_layout(spec, **{**r["overrides"], "nerve_count": 0})
+    rgb = render_region(layout, 0, 0, size, size, r["mpp"])
+    cells = layout.truth()
+    m = cfg["model"]
+    heat, cls = make_targets(
+        cells, rgb.shape[:2], r["mpp"], m["mpp"], m["output_stride"], m["heat_sigma_um"]
+    )
+    s = layout.spec
+    return {
+        "rgb": rgb,
+        "heat": heat.astype(np.float16),
+        "cls": cls,
+        "background": np.asarray(s.background, np.float32),
+        "vectors": np.asarray(s.stain_vectors, np.float32),
+        "marker": r["marker"],
+        "mpp": r["mpp"],
+    }
+
+
+def generator_hash() -> str:
+    """sha256 (12 hex) of the synthetic generator's source: the pool depends on it."""
+    import tilscore.synthetic as syn
+
+    h = hashlib.sha256()
+    for name in ("layout.py", "render.py", "write.py"):
+        h.update((Path(syn.__file__).parent / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def build_pool(cfg: dict[str, Any], log) -> list[dict[str, Any]]:
+    """Render (or load from the cache) the training pool."""
+    pool = cfg["pool"]
+    key = json.dumps(
+        {"pool": pool, "model": cfg["model"], "seed": cfg["seed"], "generator": generator_hash()},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    cache = Path(cfg.get("cache_dir", "/tmp/tilscore-train")) / f"pool-{digest}.npz"
+    n = int(pool["n_renders"])
+    seeds = [int(pool["seed_start"]) + i for i in range(n)]
+    if cache.is_file():
+        with np.load(cache, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in ("rgb", "heat", "cls", "background", "vectors")}
+        log(f"pool: loaded {n} renders from {cache}")
+        return [{k: v[i] for k, v in arrays.items()} for i in range(n)]
+    t0 = time.time()
+    items = []
+    for i, s in enumerate(seeds):
+        items.append(render_one(cfg, s))
+        if (i + 1) % 50 == 0:
+            log(f"pool: {i + 1}/{n} renders ({time.time() - t0:.0f} s)")
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        cache,
+        **{k: np.stack([it[k] for it in items]) for k in ("rgb", "heat", "cls", "background")},
+        vectors=np.stack([it["vectors"] for it in items]),
+    )
+    log(f"pool: rendered {n} in {time.time() - t0:.0f} s, cached at {cache}")
+    return items
+
+
+# ------------------------------------------------------------------------------------------------
+# augmentation
+
+
+def _rotate(v: np.ndarray, max_deg: float, rng: np.random.Generator) -> np.ndarray:
+    v = v / np.linalg.norm(v)
+    d = rng.normal(size=3)
+    d -= d.dot(v) * v
+    d /= np.linalg.norm(d)
+    ang = math.radians(max_deg) * rng.uniform(-1, 1)
+    out = np.abs(v * math.cos(ang) + d * math.sin(ang))
+    return out / np.linalg.norm(out)
+
+
+def _stain_basis(h: np.ndarray, dab: np.ndarray) -> np.ndarray:
+    r = np.cross(h, dab)
+    r = np.abs(r) / np.linalg.norm(r)
+    return np.stack([h, dab, r])
+
+
+def augment(
+    rgb: np.ndarray,
+    background: np.ndarray,
+    vectors: np.ndarray,
+    aug: dict[str, Any],
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Re-stain, re-light, blur, add noise and JPEG-compress one crop.
+
+    Returns the augmented RGB (uint8) and the I0 the model is told (a slightly wrong estimate
+    of the new glass brightness, or 255).
+    """
+    import cv2
+
+    h, w = rgb.shape[:2]
+    od = -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / background[None, None, :])
+    basis = _stain_basis(vectors[0].astype(np.float64), vectors[1].astype(np.float64))
+    conc = od.reshape(-1, 3) @ np.linalg.inv(basis).astype(np.float32)
+    conc[:, 0] *= rng.uniform(*aug["h_scale"])
+    conc[:, 1] *= rng.uniform(*aug["dab_scale"])
+    conc[:, 2] *= rng.uniform(0.0, 1.5)
+    if rng.random() < aug["nuclear_dab_p"]:  # brown nuclei (Ki67, FOXP3 ...) in patches
+        field = rng.uniform(0, 1, (4, 4)).astype(np.float32)
+        field = cv2.resize(field, (w, h), interpolation=cv2.INTER_CUBIC).reshape(-1)
+        field = np.clip((field - rng.uniform(0.2, 0.6)) * 3.0, 0, 1) * rng.uniform(0.4, 1.0)
+        hc = np.maximum(conc[:, 0], 0)
+        conc[:, 1] += field * hc * rng.uniform(0.6, 1.6)
+        conc[:, 0] -= 0.7 * field * hc
+    new_basis = _stain_basis(
+        _rotate(basis[0], aug["hue_deg"], rng), _rotate(basis[1], aug["hue_deg"], rng)
+    ).astype(np.float32)
+    od2 = np.clip((conc @ new_basis).reshape(h, w, 3), -0.1, 3.0)
+    base = rng.uniform(*aug["background"])
+    i0 = np.clip(base + rng.uniform(-6, 6, 3), 200, 255).astype(np.float32)
+    light = i0 * np.power(np.float32(10.0), -od2)
+    if rng.random() < aug["blur_p"]:
+        light = cv2.GaussianBlur(light, (0, 0), rng.uniform(*aug["blur_sigma_px"]))
+    light += rng.normal(0, rng.uniform(*aug["noise_sigma"]), light.shape).astype(np.float32)
+    out = np.clip(np.rint(light), 0, 255).astype(np.uint8)
+    if rng.random() < aug["jpeg_p"]:
+        q = int(rng.integers(aug["jpeg_quality"][0], aug["jpeg_quality"][1] + 1))
+        ok, buf = cv2.imencode(".jpg", cv2.cvtColor(out, cv2.COLOR_RGB2BGR), [1, q])
+        if ok:
+            out = cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    if rng.random() < aug["white_background_p"]:
+        told = np.full(3, 255.0, np.float32)
+    else:
+        told = np.clip(i0 * rng.uniform(0.97, 1.02, 3), 150, 255).astype(np.float32)
+    return out, told
+
+
+def sample_batch(pool, cfg: dict[str, Any], rng: np.random.Generator):
+    """A batch of augmented crops: inputs (N, 3, S, S) float32, heat and class targets."""
+    crop = int(cfg["train"]["crop_px"])
+    stride = int(cfg["model"]["output_stride"])
+    clip = cfg["model"].get("od_clip", [0.0, 2.5])
+    xs, hs, cs = [], [], []
+    for _ in range(int(cfg["train"]["batch_size"])):
+        it = pool[rng.integers(len(pool))]
+        size = it["rgb"].shape[0]
+        oy = int(rng.integers(0, (size - crop) // stride + 1)) * stride
+        ox = int(rng.integers(0, (size - crop) // stride + 1)) * stride
+        rgb = it["rgb"][oy : oy + crop, ox : ox + crop]
+        heat = it["heat"][
+            oy // stride : (oy + crop) // stride, ox // stride : (ox + crop) // stride
+        ]
+        cls = it["cls"][oy // stride : (oy + crop) // stride, ox // stride : (ox + crop) // stride]
+        rgb, told = augment(rgb, it["background"], it["vectors"], cfg["augment"], rng)
+        x = cnn.od_input(rgb, told, clip)
+        k = int(rng.integers(4))
+        flip = rng.random() < 0.5
+        x, heat, cls = (np.rot90(a, k) for a in (x, heat, cls))
+        if flip:
+            x, heat, cls = (a[:, ::-1] for a in (x, heat, cls))
+        xs.append(np.ascontiguousarray(x.transpose(2, 0, 1)))
+        hs.append(np.ascontiguousarray(heat, dtype=np.float32))
+        cs.append(np.ascontiguousarray(cls, dtype=np.int64))
+    return np.stack(xs), np.stack(hs), np.stack(cs)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+
+
+def match_count(pred_xy: np.ndarray, truth_xy: np.ndarray, radius: float) -> np.ndarray:
+    """One-to-one matches (Hungarian) within ``radius``: (k, 2) index pairs."""
+    from scipy.optimize import linear_sum_assignment
+    from scipy.spatial import cKDTree
+
+    if len(pred_xy) == 0 or len(truth_xy) == 0:
+        return np.zeros((0, 2), int)
+    tree = cKDTree(truth_xy)
+    pairs = tree.query_ball_point(pred_xy, radius)
+    big = 1e6
+    cost = np.full((len(pred_xy), len(truth_xy)), big)
+    for i, js in enumerate(pairs):
+        if js:
+            js = np.asarray(js)
+            cost[i, js] = np.hypot(*(pred_xy[i][:, None] - truth_xy[js].T))
+    r, c = linear_sum_assignment(cost)
+    ok = cost[r, c] < big
+    return np.c_[r[ok], c[ok]]
+
+
+def validation_tiles(cfg: dict[str, Any]):
+    """Held-out synthetic tiles: (marker, rgb, truth, background) per seed in the config."""
+    from tilscore.synthetic import synthetic_tile
+
+    v = cfg["validation"]
+    out = []
+    for marker in v["markers"]:
+        for seed in v["seeds"]:
+            over = {}
+            if seed % 2:  # half of them with stroma and glass, as on a real slide
+                over = {"tumour_bed_fraction": 0.5, "tissue_fraction": 0.8}
+            try:
+                rgb, truth = synthetic_tile(
+                    marker, int(v["tile_px"]), mpp=0.5, seed=int(seed), **over
+                )
+            except IndexError:  # the generator finds no room for a nerve: drop the stroma option
+                rgb, truth = synthetic_tile(
+                    marker, int(v["tile_px"]), mpp=0.5, seed=int(seed), nerve_count=0
+                )
+            out.append((marker, rgb, truth))
+    return out
+
+
+def score(detector, tiles, thresholds, radius_um: float = 4.0) -> dict[str, Any]:
+    """F1 per marker and threshold, class accuracy of matched cells, at each threshold."""
+    from tilscore.stain import estimate_background
+
+    res: dict[str, Any] = {}
+    outs = []
+    for marker, rgb, truth in tiles:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bg = estimate_background(rgb)
+        outs.append((marker, detector.heatmaps(rgb, bg), rgb.shape, truth))
+    stride = int(detector.config["output_stride"])
+    nms_px = max(1, round(float(detector.config["nms_radius_um"]) / (detector.mpp * stride)))
+    radius = radius_um / detector.mpp
+    for thr in thresholds:
+        per: dict[str, list[float]] = {}
+        for marker, (heat, prob), shape, truth in outs:
+            cells = cnn.decode(
+                heat,
+                prob,
+                threshold=thr,
+                nms_radius_px=nms_px,
+                stride=stride,
+                height=shape[0],
+                width=shape[1],
+            )
+            t_xy = truth[["x", "y"]].to_numpy(float) - 0.5  # truth: continuous coordinates
+            m = match_count(cells[["x", "y"]].to_numpy(float), t_xy, radius)
+            tcls = np.array([cnn.CELL_TYPE_TO_CLASS[c] for c in truth["cell_type"]], dtype=object)
+            correct = int(np.sum(cells["cell_class"].to_numpy()[m[:, 0]] == tcls[m[:, 1]]))
+            acc = per.setdefault(marker, [0, 0, 0, 0])
+            acc[0] += len(m)
+            acc[1] += len(cells)
+            acc[2] += len(truth)
+            acc[3] += correct
+        table = {}
+        for marker, (tp, npred, ntruth, correct) in per.items():
+            p = tp / max(npred, 1)
+            r = tp / max(ntruth, 1)
+            table[marker] = {
+                "precision": round(p, 4),
+                "recall": round(r, 4),
+                "f1": round(2 * p * r / max(p + r, 1e-9), 4),
+                "class_accuracy": round(correct / max(tp, 1), 4),
+                "n_truth": ntruth,
+            }
+        res[f"{thr:.2f}"] = table
+    return res
+
+
+# ------------------------------------------------------------------------------------------------
+# real data (VALIDATION ONLY: never trained on, never copied into the repository)
+
+
+def _dab_disk_mean(rgb: np.ndarray, xy: np.ndarray, radius_px: float) -> np.ndarray:
+    """Mean DAB OD (Ruifrok vectors, I0 estimated from the image) in a disk around each point."""
+    import warnings
+
+    from scipy import ndimage
+
+    from tilscore.stain import deconvolve, estimate_background
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        bg = estimate_background(rgb)
+    dab = deconvolve(rgb, background=bg)[..., 1]
+    if len(xy) == 0:
+        return np.zeros(0)
+    r = math.ceil(radius_px)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = (xx**2 + yy**2 <= radius_px**2).astype(np.float32)
+    mean = ndimage.correlate(dab, disk / disk.sum(), mode="nearest")
+    cols = np.clip(xy[:, 0].astype(int), 0, rgb.shape[1] - 1)
+    rows = np.clip(xy[:, 1].astype(int), 0, rgb.shape[0] - 1)
+    return mean[rows, cols]
+
+
+def _prf(tp: int, npred: int, ntruth: int) -> dict[str, float]:
+    p = tp / max(npred, 1)
+    r = tp / max(ntruth, 1)
+    return {
+        "precision": round(p, 4),
+        "recall": round(r, 4),
+        "f1": round(2 * p * r / max(p + r, 1e-9), 4),
+        "tp": tp,
+        "n_pred": npred,
+        "n_truth": ntruth,
+    }
+
+
+def validate_real(detector, data_dir: str | Path, dab_threshold: float = 0.15) -> dict[str, Any]:
+    """Detection metrics on the labelled real sets in ``data_dir`` (validation only).
+
+    Positive cells are called by a simple proxy, not the marker pipeline: mean DAB OD in a disk
+    of radius 4 µm around the CNN centre above ``dab_threshold``. Matching radius 4 µm.
+    """
+    import cv2
+    import pandas as pd
+
+    data_dir = Path(data_dir)
+    out: dict[str, Any] = {}
+    mpp = detector.mpp
+    radius = 4.0 / mpp
+    disk = 4.0 / mpp
+
+    def run(rgb):
+        cells, _ = detector.predict(rgb, cnn._quiet_estimate_background(rgb))
+        return cells
+
+    # LYON19 / NuClick CD3-CD8: positives only, ~0.12 µm/px -> downsample x4
+    d = data_dir / "nuclick-ihc-lyon19"
+    if d.is_dir():
+        truth = pd.read_csv(d / "cells.csv")
+        tp_all = tp_pos = npos = nt = 0
+        immune = 0
+        fp_empty = 0
+        for img in sorted((d / "images").glob("*.jpg")):
+            rgb = cv2.cvtColor(cv2.imread(str(img)), cv2.COLOR_BGR2RGB)
+            small = cv2.resize(rgb, (rgb.shape[1] // 4, rgb.shape[0] // 4), cv2.INTER_AREA)
+            cells = run(small)
+            t = truth[truth["image"] == img.name]
+            txy = t[["x", "y"]].to_numpy(float) / 4.0
+            pxy = cells[["x", "y"]].to_numpy(float)
+            pos = _dab_disk_mean(small, pxy, disk) > dab_threshold
+            m = match_count(pxy, txy, radius)
+            tp_all += len(m)
+            immune += int(np.sum(cells["cell_class"].to_numpy()[m[:, 0]] == "immune"))
+            mp = match_count(pxy[pos], txy, radius)
+            tp_pos += len(mp)
+            npos += int(pos.sum())
+            nt += len(txy)
+            if len(txy) == 0:
+                fp_empty += int(pos.sum())
+        out["nuclick-ihc-lyon19"] = {
+            "labels": "DAB+ lymphocytes only (CD3 or CD8); negatives unlabelled",
+            "scale": "~0.12 µm/px effective, downsampled x4 (area) to ~0.5",
+            "recall_any_detection": round(tp_all / max(nt, 1), 4),
+            "positive_cells": _prf(tp_pos, npos, nt),
+            "matched_truth_called_immune": round(immune / max(tp_all, 1), 4),
+            "positive_calls_on_empty_patches": fp_empty,
+        }
+    # DeepLIIF Ki67: positive + negative cells (not every nucleus labelled), ~0.25 µm/px -> x2
+    d = data_dir / "deepliif-ki67" / "labeled"
+    if d.is_dir():
+        tp = npred = nt = tpp = npp = ntp = 0
+        for img in sorted(d.glob("*_ihc.png")):
+            name = img.name[: -len("_ihc.png")]
+            rgb = cv2.cvtColor(cv2.imread(str(img)), cv2.COLOR_BGR2RGB)
+            small = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), cv2.INTER_AREA)
+            t = pd.read_csv(d / f"{name}_cells.csv")
+            txy = t[["x", "y"]].to_numpy(float) / 2.0
+            tpos = (t["class"] == "positive").to_numpy()
+            cells = run(small)
+            pxy = cells[["x", "y"]].to_numpy(float)
+            pos = _dab_disk_mean(small, pxy, 3.0 / mpp) > dab_threshold
+            tp += len(match_count(pxy, txy, radius))
+            npred += len(pxy)
+            nt += len(txy)
+            tpp += len(match_count(pxy[pos], txy[tpos], radius))
+            npp += int(pos.sum())
+            ntp += int(tpos.sum())
+        out["deepliif-ki67"] = {
+            "labels": "Ki67+ and Ki67- nuclei from co-registered mIF; not every nucleus labelled",
+            "scale": "~0.25 µm/px, downsampled x2",
+            "all_cells": _prf(tp, npred, nt),
+            "positive_cells": _prf(tpp, npp, ntp),
+        }
+    # Dlubak Ki67: tumour nuclei points inside an ROI, ~0.5 µm/px (undocumented)
+    d = data_dir / "ki67-points-dlubak" / "labeled"
+    if d.is_dir():
+        rgb = cv2.cvtColor(cv2.imread(str(d / "503-05_image.png")), cv2.COLOR_BGR2RGB)
+        roi = cv2.imread(str(d / "503-05_roi.png"), cv2.IMREAD_GRAYSCALE) > 127
+        t = pd.read_csv(d / "503-05_markers.csv")
+        txy = t[["x", "y"]].to_numpy(float)
+        tpos = (t["type"] == 1).to_numpy()
+        cells = run(rgb)
+        pxy = cells[["x", "y"]].to_numpy(float)
+        inside = roi[
+            np.clip(pxy[:, 1].astype(int), 0, roi.shape[0] - 1),
+            np.clip(pxy[:, 0].astype(int), 0, roi.shape[1] - 1),
+        ]
+        pxy = pxy[inside]
+        cls = cells["cell_class"].to_numpy()[inside]
+        pos = _dab_disk_mean(rgb, pxy, 3.0 / mpp) > dab_threshold
+        m = match_count(pxy, txy, radius)
+        out["ki67-points-dlubak"] = {
+            "labels": "tumour nuclei points (Ki67+/-) inside an ROI; predictions in the ROI only",
+            "scale": "undocumented, used as 0.5 µm/px",
+            "all_cells": _prf(len(m), len(pxy), len(txy)),
+            "positive_cells": _prf(
+                len(match_count(pxy[pos], txy[tpos], radius)), int(pos.sum()), int(tpos.sum())
+            ),
+            "matched_truth_called_tumour": round(
+                float(np.mean(cls[m[:, 0]] == "tumour")) if len(m) else 0.0, 4
+            ),
+        }
+    out["note"] = (
+        "validation only (no training on real data); positives called by a proxy: mean DAB OD "
+        f"> {dab_threshold} in a disk (4 µm CD3/CD8, 3 µm Ki67) at the CNN centre"
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+
+def train(cfg: dict[str, Any], out: Path, log) -> dict[str, Any]:
+    """Run the whole training; returns the metrics written to ``metrics.json``."""
+    import torch
+
+    torch.manual_seed(int(cfg["seed"]))
+    torch.set_num_threads(int(cfg["train"].get("threads", 2)))
+    t_start = time.time()
+    pool = build_pool(cfg, log)
+    t_pool = time.time() - t_start
+    model_cfg = {**cnn.DEFAULT_CONFIG, **cfg["model"]}
+    model = cnn.build_model(model_cfg)
+    n_params = cnn.count_parameters(model)
+    log(f"model: {n_params} parameters, {model_cfg['widths']} depth {model_cfg.get('depth')}")
+    model = model.to(memory_format=torch.channels_last)
+    tc = cfg["train"]
+    steps = int(tc["steps"])
+    opt = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=float(tc["lr"]), total_steps=steps, pct_start=0.1
+    )
+    class_w = torch.tensor(tc.get("class_weights", [0.5, 1.0, 2.0, 2.0]), dtype=torch.float32)
+    rng = np.random.default_rng([int(cfg["seed"]), 99])
+    heat_w = float(tc.get("heat_weight", 4.0))
+    t0 = time.time()
+    max_minutes = float(tc.get("max_minutes", 1e9))
+    done = 0
+    for step in range(steps):
+        x, th, tcl = sample_batch(pool, cfg, rng)
+        xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
+        out_t = model(xt)
+        logit = out_t[:, 0]
+        th_t = torch.from_numpy(th)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, th_t, reduction="none")
+        loss_h = (bce * (1.0 + 9.0 * th_t)).mean()
+        loss_c = torch.nn.functional.cross_entropy(out_t[:, 1:], torch.from_numpy(tcl), class_w)
+        loss = heat_w * loss_h + loss_c
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        done = step + 1
+        if step % 50 == 0 or step == steps - 1:
+            el = time.time() - t0
+            log(
+                f"step {step}/{steps} loss {loss.item():.4f} (heat {loss_h.item():.4f} "
+                f"class {loss_c.item():.4f}) lr {sched.get_last_lr()[0]:.2e} {el:.0f} s"
+            )
+        if (time.time() - t0) / 60 > max_minutes:
+            log(f"stopping at step {done}: max_minutes {max_minutes} reached")
+            break
+    t_train = time.time() - t0
+    model.eval()
+    model_cfg = dict(model_cfg)
+    sha = cnn.save_weights(model, out, model_cfg)
+    detector = cnn.CNNDetector.load(out, device="cpu")
+    tiles = validation_tiles(cfg)
+    thresholds = [float(t) for t in cfg["validation"]["thresholds"]]
+    res = score(detector, tiles, thresholds)
+
+    def mean_f1(table):
+        return float(np.mean([v["f1"] for v in table.values()]))
+
+    best = max(res, key=lambda k: mean_f1(res[k]))
+    model_cfg["threshold"] = float(best)
+    sha = cnn.save_weights(model, out, model_cfg)
+    metrics = {
+        "weights_sha256": sha,
+        "parameters": n_params,
+        "steps_done": done,
+        "pool_seconds": round(t_pool, 1),
+        "train_seconds": round(t_train, 1),
+        "threshold": float(best),
+        "synthetic_generator_sha256_12": generator_hash(),
+        "synthetic_validation": {
+            "seeds": cfg["validation"]["seeds"],
+            "tile_px": cfg["validation"]["tile_px"],
+            "radius_um": 4.0,
+            "per_marker": res[best],
+            "by_threshold_mean_f1": {k: round(mean_f1(v), 4) for k, v in res.items()},
+        },
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log(f"threshold {best}: {json.dumps(res[best])}")
+    log(f"wrote {out} (sha256 {sha}); train {t_train:.0f} s, pool {t_pool:.0f} s")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    ap = argparse.ArgumentParser(prog="python -m tilscore.detect.train", description=__doc__)
+    ap.add_argument("--config", required=True, help="training TOML (models/default/train.toml)")
+    ap.add_argument("--out", default=None, help="output folder (default: the config's folder)")
+    ap.add_argument("--steps", type=int, default=None, help="override train.steps (smoke runs)")
+    ap.add_argument("--renders", type=int, default=None, help="override pool.n_renders")
+    ap.add_argument(
+        "--validate-real",
+        metavar="DATA_DIR",
+        default=None,
+        help="only evaluate the trained model in --out on the labelled real sets in DATA_DIR "
+        "and add the results to metrics.json (no training)",
+    )
+    args = ap.parse_args(argv)
+    cfg = load_train_config(args.config)
+    if args.steps is not None:
+        cfg["train"]["steps"] = args.steps
+    if args.renders is not None:
+        cfg["pool"]["n_renders"] = args.renders
+    out = Path(args.out) if args.out else Path(args.config).parent
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    if args.validate_real:
+        detector = cnn.CNNDetector.load(out, device="cpu")
+        res = validate_real(detector, args.validate_real)
+        path = out / "metrics.json"
+        metrics = json.loads(path.read_text()) if path.is_file() else {}
+        metrics["real_validation"] = res
+        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        log(json.dumps(res, indent=2))
+        return 0
+    train(cfg, out, log)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
