@@ -285,3 +285,36 @@ def test_open_slide_reads_what_the_generator_wrote(tmp_path, fmt):
     want = render_region(layout, 300, 200, 400, 300, 0.5).astype(float)
     assert np.abs(got - want).mean() < 4  # JPEG quality 80
     assert coarse.shape == (250, 600, 3)
+
+
+def test_truth_positions_are_nucleus_centres():
+    """x, y mark the nucleus (what detectors find); macrophage nuclei sit off the cell centre."""
+    layout = make_layout(marker="CD68", width_px=1200, height_px=1000, mpp=0.5, seed=3)
+    t = layout.truth()
+    shift_um = np.hypot(t.x - t.cell_x, t.y - t.cell_y) * 0.5
+    macro = (t.cell_type == "macrophage").to_numpy()
+    assert shift_um[~macro].max() < 1e-9
+    assert shift_um[macro].max() > 2.0
+    # the rendered hematoxylin is darker at the truth point than at the cell-body centre
+    rgb = render_region(layout, 0, 0, 1200, 1000, 0.5).astype(float)
+    far = t[macro & (shift_um > 3)]
+    assert len(far) > 3
+    xi, yi = far.x.astype(int).clip(0, 1199), far.y.astype(int).clip(0, 999)
+    cx, cy = far.cell_x.astype(int).clip(0, 1199), far.cell_y.astype(int).clip(0, 999)
+    # hematoxylin absorbs red: the nucleus is redder-darker (lower R) than the cell centre
+    assert rgb[yi, xi, 0].mean() < rgb[cy, cx, 0].mean()
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_small_cd56_tiles_always_render(seed):
+    """Tiles too small to hold a nerve bundle simply have none (was an IndexError)."""
+    rgb, cells = synthetic_tile("CD56", size_px=256, seed=seed)
+    assert rgb.shape == (256, 256, 3)
+    assert set(cells.cell_type) <= {
+        "tumour",
+        "fibroblast",
+        "lymphocyte",
+        "macrophage",
+        "nk",
+        "nerve",
+    }

@@ -56,6 +56,8 @@ TRUTH_COLUMNS = (
     "nucleus_major_um",
     "nucleus_minor_um",
     "cell_diameter_um",
+    "cell_x",
+    "cell_y",
 )
 
 
@@ -305,8 +307,25 @@ class SyntheticLayout:
         return {c: float(self.regions[c].area * px2) for c in COMPARTMENTS}
 
     def truth(self) -> pd.DataFrame:
-        """The truth table: :data:`TRUTH_COLUMNS` of ``cells``."""
-        return self.cells.loc[:, list(TRUTH_COLUMNS)].copy()
+        """The truth table: :data:`TRUTH_COLUMNS`.
+
+        ``x, y`` (and ``x_um, y_um``) are the centre of the cell's NUCLEUS, what a nucleus
+        detector finds and what a pathologist clicks; ``cell_x, cell_y`` are the centre of the
+        cell body. They differ for macrophages, whose nucleus sits off-centre in a large cell
+        (by up to about 6 µm); for other cells they coincide.
+        """
+        c = self.cells
+        t = c.loc[:, [k for k in TRUTH_COLUMNS if k not in ("cell_x", "cell_y")]].copy()
+        t["cell_x"], t["cell_y"] = c["x"].to_numpy(), c["y"].to_numpy()
+        theta, ox, oy = (c[k].to_numpy(float) for k in ("theta", "ox", "oy"))
+        # the renderer draws the nucleus at (ox, oy) µm in the cell's frame rotated by theta
+        dx_um = ox * np.cos(theta) - oy * np.sin(theta)
+        dy_um = ox * np.sin(theta) + oy * np.cos(theta)
+        t["x"] = c["x"].to_numpy() + dx_um / self.mpp
+        t["y"] = c["y"].to_numpy() + dy_um / self.mpp
+        t["x_um"] = t["x"] * self.mpp
+        t["y_um"] = t["y"] * self.mpp
+        return t.loc[:, list(TRUTH_COLUMNS)]
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -441,8 +460,16 @@ def _make_regions(spec: SyntheticSlideSpec, rng: np.random.Generator) -> dict[st
     # nerve bundles in non-nest tissue
     nerves = []
     non_nest = tissue.difference(nests.buffer(15 * um))
-    for _ in range(spec.nerve_count or 0):
-        x, y = _points_in(non_nest.buffer(-30 * um) if non_nest.area else non_nest, 1, rng)[0]
+    # nerves start well inside non-nest tissue; a small tile may have no room for one
+    room = non_nest.buffer(-30 * um)
+    if room.is_empty:
+        room = non_nest
+    n_nerves = 0 if room.is_empty else (spec.nerve_count or 0)
+    for _ in range(n_nerves):
+        found = _points_in(room, 1, rng)
+        if len(found) == 0:
+            break
+        x, y = found[0]
         length = rng.uniform(300, 900) * um
         heading = rng.uniform(0, np.pi)
         s = np.linspace(-length / 2, length / 2, 80)
@@ -792,7 +819,7 @@ def make_layout(spec: SyntheticSlideSpec | None = None, **overrides: Any) -> Syn
     df["cell_diameter_um"] = 2 * np.sqrt(df["rca"] * df["rcb"])
     df["cell_type"] = pd.Categorical(df["cell_type"], categories=CELL_TYPES)
     df["compartment"] = pd.Categorical(df["compartment"], categories=(*COMPARTMENTS,))
-    front = list(TRUTH_COLUMNS)
+    front = [c for c in TRUTH_COLUMNS if c in df.columns]  # cell_x/y: derived by truth()
     df = df[front + [c for c in df.columns if c not in front]]
     return SyntheticLayout(spec=spec, regions=regions, cells=df)
 

@@ -291,7 +291,7 @@ def write_truth(layout: SyntheticLayout, prefix: str | os.PathLike) -> dict[str,
     paths["cells"].parent.mkdir(parents=True, exist_ok=True)
     truth = layout.truth()
     for col in ("x", "y", "x_um", "y_um", "nucleus_diameter_um", "nucleus_major_um",
-                "nucleus_minor_um", "cell_diameter_um"):  # fmt: skip
+                "nucleus_minor_um", "cell_diameter_um", "cell_x", "cell_y"):  # fmt: skip
         truth[col] = truth[col].round(3)
     truth["intensity"] = truth["intensity"].round(4)
     _atomic_text(paths["cells"], truth.to_csv(index=False, lineterminator="\n"))
