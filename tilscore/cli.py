@@ -64,6 +64,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_stain_qc)
 
     p = sub.add_parser(
+        "detect",
+        help="find cells, measure them and call them positive for a marker",
+        description="Detect every cell of an image or slide and call it positive or negative "
+        "for the marker; writes one row per cell (.csv, .parquet or QuPath .geojson).",
+    )
+    p.add_argument("image", type=Path, help="slide or image file")
+    _add_mpp(p)
+    p.add_argument("--marker", default="CD8", help="marker preset (default CD8)")
+    p.add_argument("--detector", default="cnn", choices=["cnn", "classical"])
+    p.add_argument(
+        "--region", default=None, metavar="X,Y,W,H", help="only this level-0 box of a slide"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a marker-rule field, e.g. --set threshold_od=0.3 (repeatable)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="TOML",
+        help="marker rules from a TOML file ([markers.CD8] threshold_od = 0.3 ...)",
+    )
+    p.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="cells file: .csv, .parquet or .geojson",
+    )
+    p.set_defaults(func=_cmd_detect)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="compare detected cells with truth: precision, recall, F1, %% positive",
+        description="Match predicted to true cells one-to-one within a radius (Hungarian) and "
+        "report precision, recall and F1 for all cells and for positive cells, and the error of "
+        "the percentage of positive cells.",
+    )
+    p.add_argument("--pred", type=Path, required=True, help="predicted cells (.csv or .parquet)")
+    p.add_argument("--truth", type=Path, required=True, help="true cells (.csv or .parquet)")
+    p.add_argument("--radius-um", type=_positive_float, default=4.0, help="match radius (µm)")
+    _add_mpp(p)
+    p.add_argument(
+        "--positives-only",
+        action="store_true",
+        help="the truth lists positive cells only (no all-cell metrics)",
+    )
+    p.add_argument("-o", "--output", type=Path, default=None, metavar="JSON", help="metrics file")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
         "demo", help="run on the bundled example slides (info, tissue and stain QC for now)"
     )
     p.add_argument(
@@ -165,6 +222,112 @@ def _print_stain_qc(qc, files: dict[str, Path]) -> None:
     for w in d["warnings"]:
         console.print(f"  [yellow]warning[/yellow]: {w}")
     console.print(f"  wrote {', '.join(str(p) for p in files.values())}")
+
+
+def _parse_overrides(items: list[str]) -> dict[str, object]:
+    from .errors import ConfigError
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _parse_box(text: str | None) -> tuple[float, ...] | None:
+    from .errors import ConfigError
+
+    if text is None:
+        return None
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4:
+        raise ConfigError(f"--region expects X,Y,W,H in level-0 px, got {text!r}")
+    return box
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from .detect import iter_detect_cells
+    from .errors import ConfigError
+    from .export import CELL_FORMATS, write_cells
+    from .markers import get_marker, load_marker_config
+
+    if args.output.suffix.lower() not in CELL_FORMATS:
+        raise ConfigError(
+            f"cannot tell the output format from {args.output.name!r}",
+            hint=f"Use one of the suffixes {', '.join(CELL_FORMATS)}",
+        )
+    marker = args.marker
+    if args.config is not None:
+        rules = load_marker_config(args.config)
+        marker = rules.get(get_marker(marker).name, marker)
+    rule = get_marker(marker, **_parse_overrides(args.overrides))
+    gen = iter_detect_cells(
+        args.image, args.mpp, rule, args.detector, region=_parse_box(args.region)
+    )
+    console = _console()
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("detecting", total=None)
+        while True:
+            try:
+                done, total = next(gen)
+            except StopIteration as stop:
+                cells, settings = stop.value
+                break
+            bar.update(task, completed=done, total=total)
+    write_cells(cells, args.output)
+    n_pos = int(cells["positive"].sum())
+    pct = 100.0 * n_pos / len(cells) if len(cells) else 0.0
+    console.print(
+        f"{args.image.name}: {len(cells)} cells, {n_pos} {rule.name}-positive ({pct:.1f}%), "
+        f"detector {settings.detector}; wrote {args.output}"
+    )
+    return 0
+
+
+def _read_table(path: Path):
+    import pandas as pd
+
+    from .errors import SlideReadError
+
+    if not path.is_file():
+        raise SlideReadError("no such file", path=path, hint="Check the path and spelling")
+    try:
+        if path.suffix.lower() == ".parquet":
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except (OSError, ValueError) as e:
+        raise SlideReadError(f"cannot read the table: {e}", path=path) from e
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_tables, format_table
+
+    pred, truth = _read_table(args.pred), _read_table(args.truth)
+    metrics = evaluate_tables(
+        pred,
+        truth,
+        radius_um=args.radius_um,
+        mpp=args.mpp,
+        truth_positive_only=args.positives_only,
+        names=(str(args.pred), str(args.truth)),
+    )
+    _console().print(format_table(metrics))
+    if args.output is not None:
+        from .export import atomic_write
+
+        text = json.dumps(metrics, indent=2)
+        atomic_write(args.output, lambda p: p.write_text(text))
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

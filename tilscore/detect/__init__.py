@@ -1,1 +1,371 @@
-"""Cell detection (placeholder package; filled by the detector issue)."""
+"""Cell detection: find every nucleated cell, measure its stain, call it positive or not.
+
+:func:`detect_cells` is the one entry point, for an image in memory (with its µm/px) or a slide
+(optionally restricted to a region). It lays a grid of tiles at the detector's pixel size
+(0.5 µm/px), each with a halo, runs the detector and the per-cell measurements on the whole
+tile, and keeps the cells whose centre lies in the tile's core, so that a cell on a tile border
+is found exactly once whatever the tile size. The marker rule (:mod:`tilscore.markers`) then
+decides which cells are positive.
+
+Detectors: ``"cnn"`` (:class:`tilscore.detect.cnn.CNNDetector`, shipped weights) and
+``"classical"`` (:func:`tilscore.detect.classical.detect_nuclei_classical`, QuPath-like).
+
+Coordinates in the result are continuous pixel coordinates of the input image (or level 0 of a
+slide), QuPath's convention: pixel (i, j) covers [i, i + 1) x [j, j + 1), so its centre is at
+(i + 0.5, j + 0.5). Detectors work in array indices and :func:`detect_cells` converts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import shapely
+
+    from ..markers import MarkerRule
+    from ..slide import Slide
+    from ..stain import StainMatrix
+    from ..tissue import TissueMask
+
+__all__ = ["DETECTORS", "DetectionSettings", "detect_cells", "iter_detect_cells"]
+
+#: Detector names accepted by :func:`detect_cells`.
+DETECTORS = ("cnn", "classical")
+#: Pixel size (µm/px) the classical detector works at (QuPath's default for detection).
+CLASSICAL_MPP = 0.5
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """What a detection run used (recorded with the results).
+
+    Attributes
+    ----------
+    detector
+        "cnn" or "classical"; with the model name and weights hash for the CNN.
+    mpp
+        Pixel size the detector ran at (µm/px).
+    tile_size_px, halo_px
+        Tile core and halo (px at ``mpp``).
+    rule
+        The marker rule (thresholds, measured compartment, expansion).
+    stains, background
+        Stain vectors and glass brightness ``I0`` used for the optical densities.
+    """
+
+    detector: str
+    model: str | None
+    model_sha256: str | None
+    mpp: float
+    tile_size_px: int
+    halo_px: int
+    rule: MarkerRule
+    stains: StainMatrix
+    background: tuple[float, float, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able record."""
+        return {
+            "detector": self.detector,
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "mpp": self.mpp,
+            "tile_size_px": self.tile_size_px,
+            "halo_px": self.halo_px,
+            "marker": self.rule.to_dict(),
+            "stains": self.stains.to_dict(),
+            "background": list(self.background),
+        }
+
+
+@lru_cache(maxsize=4)
+def _cnn(name: str, device: str | None):
+    from .cnn import CNNDetector
+
+    return CNNDetector.load(name, device=device)
+
+
+class _Detector:
+    """The chosen detector behind one call: tile RGB + concentrations -> centres, labels."""
+
+    def __init__(self, kind: str, model: str, device: str | None, params: dict[str, Any]):
+        if kind not in DETECTORS:
+            raise ConfigError(
+                f"unknown detector {kind!r}", hint=f"Use one of: {', '.join(DETECTORS)}"
+            )
+        self.kind = kind
+        self.params = dict(params)
+        if kind == "cnn":
+            self.model = _cnn(model, device)
+            self.mpp = float(self.model.mpp)
+            self.name, self.sha256 = self.model.name, self.model.sha256
+        else:
+            self.model = None
+            self.mpp = CLASSICAL_MPP
+            self.name = self.sha256 = None
+
+    def __call__(self, rgb: np.ndarray, conc: np.ndarray, background: np.ndarray, rule):
+        if self.kind == "cnn":
+            return self.model.predict(rgb, background, **self.params)
+        from .classical import detect_nuclei_classical
+
+        # the rule tells whether DAB belongs to the nucleus (Ki67, FOXP3) or around it
+        return detect_nuclei_classical(conc, self.mpp, rule=rule, **self.params)
+
+
+class _Area:
+    """Tissue mask and/or region, as the ``fraction_in`` that ``Slide.iter_tiles`` asks."""
+
+    def __init__(self, tissue: TissueMask | None, region: shapely.Geometry | None):
+        self.tissue, self.region = tissue, region
+
+    def fraction_in(self, x: float, y: float, width: float, height: float) -> float:
+        import shapely
+
+        if self.region is not None and not shapely.intersects(
+            self.region, shapely.box(x, y, x + width, y + height)
+        ):
+            return 0.0
+        return 1.0 if self.tissue is None else self.tissue.fraction_in(x, y, width, height)
+
+
+def _as_region(region: Any, slide: Slide) -> shapely.Geometry | None:
+    """A shapely geometry (level-0 px) from a geometry or an (x, y, width, height) box."""
+    import shapely
+
+    from ..errors import RegionError
+
+    if region is None:
+        return None
+    if isinstance(region, shapely.Geometry):
+        geom = region
+    else:
+        try:
+            x, y, w, h = (float(v) for v in region)
+        except (TypeError, ValueError):
+            raise RegionError(
+                f"region must be a shapely geometry or (x, y, width, height), got {region!r}"
+            ) from None
+        if not (w > 0 and h > 0):
+            raise RegionError(f"region box {region!r} has no area")
+        geom = shapely.box(x, y, x + w, y + h)
+    sw, sh = slide.dimensions
+    if geom.is_empty or not geom.intersects(shapely.box(0, 0, sw, sh)):
+        raise RegionError(
+            f"the region {tuple(round(v) for v in geom.bounds)} lies outside the slide "
+            f"(0, 0, {sw}, {sh}) in level-0 px",
+            path=slide.path,
+            hint="Regions are in level-0 pixels; check their scale",
+        )
+    return geom
+
+
+def _count_tiles(slide: Slide, mpp: float, size: int, area: _Area | None) -> int:
+    core0 = size * mpp / slide.mpp
+    w0, h0 = slide.dimensions
+    n_cols, n_rows = math.ceil(w0 / core0 - 1e-9), math.ceil(h0 / core0 - 1e-9)
+    if area is None:
+        return n_cols * n_rows
+    return sum(
+        area.fraction_in(c * core0, r * core0, core0, core0) > 0
+        for r in range(n_rows)
+        for c in range(n_cols)
+    )
+
+
+def _stains_and_background(
+    slide: Slide, stains: Any, background: Any, is_array: bool
+) -> tuple[StainMatrix, np.ndarray, TissueMask | None]:
+    """Resolve the stain vectors, ``I0`` and tissue mask of a run (estimated where asked).
+
+    A slide file: the tissue mask, ``I0`` and vectors are estimated from the slide unless given.
+    An image in memory: Ruifrok-Johnston and I0 = 255 unless given; ``stains="estimate"``
+    estimates the vectors from the image itself (no tissue mask: a field is all tissue).
+    """
+    from ..stain import RUIFROK_HDAB, StainMatrix, estimate_stain_vectors
+
+    if isinstance(stains, str) and stains != "estimate":
+        raise ConfigError(f"stains must be a StainMatrix, 'estimate' or None, got {stains!r}")
+    tissue = None
+    if not is_array:
+        from ..qc import slide_stain_qc
+
+        qc = slide_stain_qc(slide)
+        tissue = qc.tissue
+        stains = qc.stains if (stains is None or stains == "estimate") else stains
+        background = qc.background if background is None else background
+    bg = np.full(3, 255.0) if background is None else np.asarray(background, float).reshape(-1)
+    if bg.size == 1:
+        bg = np.repeat(bg, 3)
+    if bg.size != 3 or not np.all(np.isfinite(bg)) or np.any(bg <= 0):
+        raise ConfigError(
+            f"background must be 3 positive intensities (R, G, B), got {background!r}"
+        )
+    if stains == "estimate":
+        w, h = slide.dimensions
+        stains = estimate_stain_vectors(slide.read_region(0, 0, w, h), background=bg)
+    stains = RUIFROK_HDAB if stains is None else stains
+    if not isinstance(stains, StainMatrix):
+        raise ConfigError(f"stains must be a StainMatrix, got {type(stains).__name__}")
+    return stains, bg, tissue
+
+
+def iter_detect_cells(
+    source: np.ndarray | Slide | str,
+    mpp: float | None = None,
+    marker: str | MarkerRule = "CD8",
+    detector: str = "cnn",
+    *,
+    region: Any = None,
+    stains: StainMatrix | str | None = None,
+    background: Any = None,
+    tile_size_px: int = 1024,
+    halo_px: int = 48,
+    model: str = "default",
+    device: str | None = None,
+    detector_params: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Generator[tuple[int, int], None, tuple[pd.DataFrame, DetectionSettings]]:
+    """Detect cells tile by tile, yielding progress ``(tiles_done, tiles_total)``.
+
+    The generator's return value (``StopIteration.value``) is ``(cells, settings)``; see
+    :func:`detect_cells` for the parameters. The CLI draws a progress bar from it and the napari
+    widget can stop it between tiles.
+    """
+    from ..cells import measure_cells, validate_cells
+    from ..markers import classify_cells, get_marker
+    from ..slide import Slide, open_slide
+    from ..stain import deconvolve
+
+    rule = get_marker(marker, **overrides)
+    det = _Detector(detector, model, device, detector_params or {})
+    tile_size_px, halo_px = int(tile_size_px), int(halo_px)
+    if tile_size_px < 64 or halo_px < 0:
+        raise ConfigError(
+            f"tile_size_px must be >= 64 and halo_px >= 0, got {tile_size_px}, {halo_px}"
+        )
+    if isinstance(source, Slide):
+        slide, owned, is_array = source, False, source.vendor == "array"
+    elif isinstance(source, np.ndarray):
+        slide, owned, is_array = Slide.from_array(source, mpp), True, True
+    else:
+        slide, owned, is_array = open_slide(source, mpp=mpp), True, False
+    try:
+        stains_used, bg, tissue = _stains_and_background(slide, stains, background, is_array)
+        geom = _as_region(region, slide)
+        area = _Area(tissue, geom) if (tissue is not None or geom is not None) else None
+        total = _count_tiles(slide, det.mpp, tile_size_px, area)
+        parts: list[pd.DataFrame] = []
+        done = 0
+        yield done, total
+        for tile in slide.iter_tiles(det.mpp, tile_size_px, halo_px, mask=area):
+            conc = deconvolve(tile.image, stains_used, bg)
+            centres, labels = det(tile.image, conc, bg, rule)
+            if len(centres):
+                cells = measure_cells(centres, conc, det.mpp, rule, nuclei=labels)
+                # keep cells whose centre (continuous coordinates) lies in the tile's core
+                cx, cy = cells["x"].to_numpy() + 0.5, cells["y"].to_numpy() + 0.5
+                lo, hi = halo_px, halo_px + tile_size_px
+                core = (cx >= lo) & (cx < hi) & (cy >= lo) & (cy < hi)
+                cells = cells.loc[core].copy()
+                cells["x"] = tile.x + cx[core] * tile.downsample
+                cells["y"] = tile.y + cy[core] * tile.downsample
+                parts.append(cells)
+            done += 1
+            yield done, total
+        cells = pd.concat(parts, ignore_index=True) if parts else measure_cells_empty()
+        w0, h0 = slide.dimensions
+        inside = (cells["x"] >= 0) & (cells["x"] < w0) & (cells["y"] >= 0) & (cells["y"] < h0)
+        cells = cells.loc[inside]
+        if geom is not None and len(cells):
+            import shapely
+
+            cells = cells.loc[shapely.contains_xy(geom, cells["x"], cells["y"])]
+        cells = cells.reset_index(drop=True)
+        cells["x_um"] = cells["x"] * slide.mpp_x
+        cells["y_um"] = cells["y"] * slide.mpp_y
+        cells = classify_cells(cells, rule)
+        settings = DetectionSettings(
+            detector=det.kind,
+            model=det.name,
+            model_sha256=det.sha256,
+            mpp=det.mpp,
+            tile_size_px=tile_size_px,
+            halo_px=halo_px,
+            rule=rule,
+            stains=stains_used,
+            background=tuple(float(v) for v in bg),
+        )
+        return validate_cells(cells), settings
+    finally:
+        if owned:
+            slide.close()
+
+
+def measure_cells_empty() -> pd.DataFrame:
+    """An empty cells table with the right columns and dtypes."""
+    from ..cells import validate_cells
+
+    return validate_cells(pd.DataFrame({"x": pd.Series(dtype=float), "y": pd.Series(dtype=float)}))
+
+
+def detect_cells(
+    source: np.ndarray | Slide | str,
+    mpp: float | None = None,
+    marker: str | MarkerRule = "CD8",
+    detector: str = "cnn",
+    **kwargs: Any,
+) -> pd.DataFrame:
+    """Find every cell, measure it and call it positive for the marker.
+
+    Parameters
+    ----------
+    source
+        An RGB image (numpy array: RGB, RGBA, grey, 8/16-bit) with its ``mpp``, an open
+        :class:`~tilscore.slide.Slide`, or a slide path.
+    mpp
+        Pixel size of an array (µm/px; required for arrays), or an override for a slide path.
+        The image is resampled internally to the detector's pixel size (0.5 µm/px).
+    marker
+        Marker preset name ("CD8", "CD68", "CD56", "CD3", "CD4", "CD20", "FOXP3", "Ki67") or a
+        :class:`~tilscore.markers.MarkerRule`.
+    detector
+        "cnn" (default; shipped weights) or "classical".
+    region
+        Keyword: restrict a slide to a shapely geometry or an (x, y, width, height) box in
+        level-0 px.
+    stains, background
+        Keyword: stain matrix (or "estimate") and glass brightness ``I0`` (R, G, B). For slides
+        both are estimated from the slide when omitted; for arrays the defaults are the
+        Ruifrok-Johnston vectors and I0 = 255.
+    tile_size_px, halo_px
+        Keyword: tile core and halo at the detector's pixel size (px). The halo must exceed a
+        nucleus radius plus the cell expansion; the result does not depend on the tile size.
+    model, device, detector_params
+        Keyword: CNN model name, torch device ("cpu", "cuda"), extra detector parameters.
+    **overrides
+        Marker-rule fields to override (e.g. ``threshold_od=0.25``, ``expansion_um=6``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per cell, columns of :data:`tilscore.cells.CELL_COLUMNS`; ``attrs["settings"]``
+        holds the :class:`DetectionSettings` record.
+    """
+    gen = iter_detect_cells(source, mpp, marker, detector, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            cells, settings = stop.value
+            cells.attrs["settings"] = settings.to_dict()
+            return cells

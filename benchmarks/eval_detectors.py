@@ -1,0 +1,256 @@
+"""Evaluate the detectors (CNN and classical, side by side) on labelled data.
+
+Sets:
+
+- synthetic test slides (CD8, CD68, CD56; seeds never used in training), all cells and
+  positive cells against the generator's truth;
+- the real labelled sets in ``../shared/data`` (validation only: their licences do not allow
+  training on them), each scored by what its labels mean (see each MANIFEST.md):
+
+  ============  ======  ========  ===============================================================
+  set           marker  µm/px     labels
+  ============  ======  ========  ===============================================================
+  lyon19        CD8     0.125     DAB-positive lymphocytes only (CD3/CD8; 512 px NuClick patches
+                                  upsampled about 2x from 0.24 µm/px)
+  deepliif      Ki67    0.25      positive and negative nuclei from co-registered IF (not every
+                                  nucleus is labelled)
+  dlubak        Ki67    0.5       positive and negative tumour nuclei, inside the ROI mask only
+  ehh2025       Ki67    1.0       positive nuclei (mild/moderate/strong) exhaustively; negatives
+                                  not exhaustive: positive-cell metrics only
+  ============  ======  ========  ===============================================================
+
+The µm/px of the real sets are not recorded in their files; the values above are estimates from
+nucleus sizes given in the MANIFESTs.
+
+Run::
+
+    python benchmarks/eval_detectors.py [--shared ../shared/data] [--json out.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tilscore.detect import detect_cells
+from tilscore.evaluate import evaluate_cells
+
+REPO = Path(__file__).resolve().parents[1]
+RADIUS_UM = 4.0
+SYNTHETIC_TEST = {"CD8": 9101, "CD68": 9102, "CD56": 9103}
+
+
+def _rgb(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def synthetic_cases(size_px: int):
+    from tilscore.synthetic import make_layout, render_region
+
+    for marker, seed in SYNTHETIC_TEST.items():
+        layout = make_layout(marker=marker, width_px=size_px, height_px=size_px, mpp=0.5, seed=seed)
+        rgb = render_region(layout, 0, 0, size_px, size_px, 0.5)
+        truth = layout.truth()
+        truth = truth[(truth.x < size_px) & (truth.y < size_px)]
+        yield {
+            "set": f"synthetic-{marker}",
+            "image": rgb,
+            "mpp": 0.5,
+            "marker": marker,
+            "truth": truth[["x", "y", "positive"]],
+            "positive_only": False,
+            "roi": None,
+            "background": tuple(layout.spec.background),
+        }
+
+
+def lyon19_cases(root: Path):
+    d = root / "nuclick-ihc-lyon19"
+    cells = pd.read_csv(d / "cells.csv")
+    for img in sorted((d / "images").glob("*.jpg")):
+        t = cells[cells.image == img.name]
+        yield {
+            "set": "lyon19",
+            "name": img.name,
+            "image": _rgb(img),
+            "mpp": 0.125,
+            "marker": "CD8",
+            "truth": pd.DataFrame({"x": t.x, "y": t.y, "positive": True}),
+            "positive_only": True,
+            "roi": None,
+        }
+
+
+def deepliif_cases(root: Path):
+    d = root / "deepliif-ki67" / "labeled"
+    for img in sorted(d.glob("*_ihc.png")):
+        name = img.name[: -len("_ihc.png")]
+        t = pd.read_csv(d / f"{name}_cells.csv")
+        yield {
+            "set": "deepliif",
+            "name": name,
+            "image": _rgb(img),
+            "mpp": 0.25,
+            "marker": "Ki67",
+            "truth": pd.DataFrame({"x": t.x, "y": t.y, "positive": t["class"] == "positive"}),
+            "positive_only": False,
+            "roi": None,
+        }
+
+
+def dlubak_cases(root: Path):
+    d = root / "ki67-points-dlubak" / "labeled"
+    t = pd.read_csv(d / "503-05_markers.csv")
+    roi = _rgb(d / "503-05_roi.png")[..., 0] > 127
+    yield {
+        "set": "dlubak",
+        "name": "503-05",
+        "image": _rgb(d / "503-05_image.png"),
+        "mpp": 0.5,
+        "marker": "Ki67",
+        # markers are integer pixel indices: their centres are at +0.5
+        "truth": pd.DataFrame({"x": t.x + 0.5, "y": t.y + 0.5, "positive": t.type == 1}),
+        "positive_only": False,
+        "roi": roi,
+    }
+
+
+def ehh_cases(root: Path):
+    d = root / "ki67-net-ehh2025"
+    for img in sorted((d / "images").glob("*.png")):
+        rgb = _rgb(img)
+        h, w = rgb.shape[:2]
+        lab = np.loadtxt(d / "labels_yolo" / f"{img.stem}.txt", ndmin=2)
+        pos = lab[lab[:, 0] < 3]
+        yield {
+            "set": "ehh2025",
+            "name": img.name,
+            "image": rgb,
+            "mpp": 1.0,
+            "marker": "Ki67",
+            "truth": pd.DataFrame({"x": pos[:, 1] * w, "y": pos[:, 2] * h, "positive": True}),
+            "positive_only": True,
+            "roi": None,
+        }
+
+
+def run_case(case: dict, detector: str) -> tuple[pd.DataFrame, float]:
+    start = time.perf_counter()
+    cells = detect_cells(
+        case["image"],
+        mpp=case["mpp"],
+        marker=case["marker"],
+        detector=detector,
+        background=case.get("background"),
+    )
+    return cells, time.perf_counter() - start
+
+
+def _roi_filter(df: pd.DataFrame, roi: np.ndarray | None) -> pd.DataFrame:
+    if roi is None or not len(df):
+        return df
+    xi = np.clip(df["x"].to_numpy().astype(int), 0, roi.shape[1] - 1)
+    yi = np.clip(df["y"].to_numpy().astype(int), 0, roi.shape[0] - 1)
+    return df.loc[roi[yi, xi]]
+
+
+def evaluate_set(cases: list[dict], detector: str) -> dict:
+    """Pool the matches of all images of a set (micro-averaged metrics)."""
+    tp = fp = fn = ptp = pfp = pfn = 0
+    n_pred = n_pos_pred = n_truth = n_pos_truth = 0
+    pct_errors = []
+    seconds = 0.0
+    megapixels = 0.0
+    for case in cases:
+        cells, dt = run_case(case, detector)
+        seconds += dt
+        megapixels += (
+            case["image"].shape[0] * case["image"].shape[1] * (case["mpp"] / 0.5) ** 2 / 1e6
+        )
+        pred = _roi_filter(cells[["x", "y", "positive"]], case["roi"])
+        truth = _roi_filter(case["truth"], case["roi"])
+        radius_px = RADIUS_UM / case["mpp"]
+        m = evaluate_cells(pred, truth, radius_px, truth_positive_only=case["positive_only"])
+        if not case["positive_only"]:
+            tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
+            pct_errors.append(m["pct_positive_error"])
+        ptp, pfp, pfn = ptp + m["pos_tp"], pfp + m["pos_fp"], pfn + m["pos_fn"]
+        n_pred += len(pred)
+        n_pos_pred += int(pred["positive"].sum())
+        n_truth += len(truth)
+        n_pos_truth += int(truth["positive"].sum())
+
+    def prf(t, f_p, f_n):
+        p = t / (t + f_p) if t + f_p else float("nan")
+        r = t / (t + f_n) if t + f_n else float("nan")
+        f = 2 * p * r / (p + r) if (p + r) and np.isfinite(p + r) else float("nan")
+        return round(p, 4), round(r, 4), round(f, 4)
+
+    out = {
+        "images": len(cases),
+        "n_pred": n_pred,
+        "n_pred_positive": n_pos_pred,
+        "n_truth": n_truth,
+        "n_truth_positive": n_pos_truth,
+        "seconds": round(seconds, 2),
+        "mp_per_s_at_0.5": round(megapixels / seconds, 2) if seconds else None,
+    }
+    out["positive_precision"], out["positive_recall"], out["positive_f1"] = prf(ptp, pfp, pfn)
+    if not cases[0]["positive_only"]:
+        out["precision"], out["recall"], out["f1"] = prf(tp, fp, fn)
+        out["pct_positive_abs_error_mean"] = round(float(np.mean(np.abs(pct_errors))), 2)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--detectors", nargs="+", default=["cnn", "classical"])
+    parser.add_argument("--synthetic-size", type=int, default=2048, help="test slide side (px)")
+    parser.add_argument("--quick", action="store_true", help="synthetic 1024 px; fewer images")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    size = 1024 if args.quick else args.synthetic_size
+
+    sets: dict[str, list[dict]] = {}
+    for case in synthetic_cases(size):
+        sets[case["set"]] = [case]
+    if args.shared.is_dir():
+        for loader in (lyon19_cases, deepliif_cases, dlubak_cases, ehh_cases):
+            for case in loader(args.shared):
+                sets.setdefault(case["set"], []).append(case)
+    else:
+        print(f"no shared data at {args.shared}: synthetic sets only", file=sys.stderr)
+
+    results = {}
+    for name, cases in sets.items():
+        for det in args.detectors:
+            results[f"{name}/{det}"] = evaluate_set(cases, det)
+            r = results[f"{name}/{det}"]
+            print(
+                f"{name:<18} {det:<9} pos P/R/F1 {r['positive_precision']}/"
+                f"{r['positive_recall']}/{r['positive_f1']}"
+                + (
+                    f"  all P/R/F1 {r['precision']}/{r['recall']}/{r['f1']}"
+                    f"  |%pos err| {r['pct_positive_abs_error_mean']}"
+                    if "f1" in r
+                    else ""
+                )
+                + f"  ({r['n_pred']} pred, {r['n_truth']} truth, {r['seconds']} s)",
+                flush=True,
+            )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

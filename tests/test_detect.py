@@ -1,0 +1,122 @@
+"""detect_cells: one entry point over arrays and slides, tiles with halos, each cell once."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tilscore import ConfigError, MissingPixelSizeError, RegionError
+from tilscore.cells import CELL_COLUMNS
+from tilscore.detect import detect_cells
+from tilscore.evaluate import evaluate_cells
+from tilscore.synthetic import make_layout, make_synthetic_slide, render_region
+
+
+@pytest.fixture(scope="module")
+def cd8_field():
+    layout = make_layout(marker="CD8", width_px=900, height_px=700, mpp=0.5, seed=41)
+    rgb = render_region(layout, 0, 0, 900, 700, 0.5)
+    truth = layout.truth()
+    return rgb, truth, layout
+
+
+def test_result_has_the_cells_columns_and_settings(cd8_field):
+    rgb, _, _ = cd8_field
+    cells = detect_cells(rgb, mpp=0.5, marker="CD8", detector="classical")
+    assert list(cells.columns[: len(CELL_COLUMNS)]) == list(CELL_COLUMNS)
+    assert len(cells) > 100
+    settings = cells.attrs["settings"]
+    assert settings["detector"] == "classical"
+    assert settings["marker"]["name"] == "CD8"
+    assert np.allclose(cells["x_um"], cells["x"] * 0.5)
+
+
+@pytest.mark.parametrize("detector", ["classical", "cnn"])
+def test_same_cells_whatever_the_tile_size(cd8_field, detector):
+    """A cell on a tile border is found exactly once: tiling does not change the result."""
+    rgb, _, _ = cd8_field
+    a = detect_cells(rgb, mpp=0.5, detector=detector, tile_size_px=1024)
+    b = detect_cells(rgb, mpp=0.5, detector=detector, tile_size_px=256, halo_px=48)
+    c = detect_cells(rgb, mpp=0.5, detector=detector, tile_size_px=320, halo_px=64)
+    for other in (b, c):
+        m = evaluate_cells(other[["x", "y", "positive"]], a[["x", "y", "positive"]], 2.0)
+        # the same cells, within a pixel, and no duplicates along tile borders
+        assert m["f1"] > 0.98
+        assert abs(len(other) - len(a)) <= max(2, 0.01 * len(a))
+        assert abs(int(other["positive"].sum()) - int(a["positive"].sum())) <= 2
+
+
+def test_input_scale_is_handled(cd8_field):
+    """An image at 0.25 µm/px gives the same cells (in its own px) as at 0.5 µm/px."""
+    _, _, layout = cd8_field
+    rgb25 = render_region(layout, 0, 0, 1800, 1400, 0.25)
+    rgb50 = render_region(layout, 0, 0, 900, 700, 0.5)
+    a = detect_cells(rgb50, mpp=0.5, detector="classical")
+    b = detect_cells(rgb25, mpp=0.25, detector="classical")
+    assert np.allclose(b["x_um"].max(), a["x_um"].max(), atol=5)
+    b_half = b.assign(x=b["x"] / 2, y=b["y"] / 2)
+    m = evaluate_cells(b_half[["x", "y", "positive"]], a[["x", "y", "positive"]], 4.0)
+    assert m["f1"] > 0.9
+
+
+def test_slide_and_region(tmp_path):
+    path = tmp_path / "cd68.tif"
+    layout = make_synthetic_slide(path, marker="CD68", width_px=1600, height_px=1200, seed=43)
+    region = (400, 300, 600, 500)
+    cells = detect_cells(path, marker="CD68", detector="classical", region=region)
+    assert len(cells) > 20
+    assert cells["x"].between(400, 1000).all()
+    assert cells["y"].between(300, 800).all()
+    assert cells.attrs["settings"]["stains"]["source"] in ("estimated", "default")
+    truth = layout.truth()
+    inside = truth[truth.x.between(400, 1000) & truth.y.between(300, 800)]
+    assert len(cells) == pytest.approx(len(inside), rel=0.35)
+
+
+def test_region_outside_the_slide_is_a_clear_error(tmp_path):
+    path = tmp_path / "s.tif"
+    make_synthetic_slide(path, marker="CD8", width_px=800, height_px=600, seed=1)
+    with pytest.raises(RegionError, match="outside the slide"):
+        detect_cells(path, detector="classical", region=(5000, 5000, 100, 100))
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        np.full((300, 300, 3), 255, np.uint8),
+        np.zeros((300, 300, 3), np.uint8),
+        np.full((40, 30, 3), 230, np.uint8),
+    ],
+    ids=["white", "black", "smaller-than-a-tile"],
+)
+def test_blank_images_give_no_cells(image):
+    for detector in ("classical", "cnn"):
+        cells = detect_cells(image, mpp=0.5, detector=detector)
+        assert isinstance(cells, pd.DataFrame)
+        assert len(cells) == 0
+        assert list(cells.columns[: len(CELL_COLUMNS)]) == list(CELL_COLUMNS)
+
+
+def test_grey_rgba_and_16bit_inputs_work(cd8_field):
+    rgb, _, _ = cd8_field
+    crop = rgb[:300, :300]
+    ref = detect_cells(crop, mpp=0.5, detector="classical")
+    rgba = np.dstack([crop, np.full(crop.shape[:2], 255, np.uint8)])
+    assert len(detect_cells(rgba, mpp=0.5, detector="classical")) == len(ref)
+    rgb16 = crop.astype(np.uint16) * 257
+    assert len(detect_cells(rgb16, mpp=0.5, detector="classical")) == len(ref)
+    grey = crop.mean(axis=2).astype(np.uint8)
+    detect_cells(grey, mpp=0.5, detector="classical")  # no stain: cells found or not, no crash
+
+
+def test_bad_arguments_are_clear_errors(cd8_field):
+    rgb, _, _ = cd8_field
+    with pytest.raises(MissingPixelSizeError):
+        detect_cells(rgb)
+    with pytest.raises(ConfigError, match="CD8"):
+        detect_cells(rgb, mpp=0.5, marker="CD999")
+    with pytest.raises(ConfigError, match="threshold_od"):
+        detect_cells(rgb, mpp=0.5, detector="classical", threshold_od=float("nan"))
+    with pytest.raises(ConfigError, match="detector"):
+        detect_cells(rgb, mpp=0.5, detector="magic")
