@@ -142,3 +142,50 @@ def test_example_slides_are_what_the_generator_makes(tmp_path):
     assert len(committed) == len(truth)
     assert (committed["positive"].to_numpy() == truth["positive"].to_numpy()).all()
     assert committed["x"].to_numpy() == pytest.approx(truth["x"].to_numpy(), abs=1e-3)
+
+
+def test_detect_then_evaluate_against_the_truth(slide_path, tmp_path, capsys):
+    cells_csv = tmp_path / "cells.csv"
+    code = main(
+        ["detect", str(slide_path), "--detector", "classical", "--marker", "CD8",
+         "-o", str(cells_csv)]
+    )  # fmt: skip
+    assert code == 0
+    assert "CD8-positive" in capsys.readouterr().out
+    truth = slide_path.with_name("cd8.cells.csv")
+    metrics_json = tmp_path / "m.json"
+    args = ["evaluate", "--pred", str(cells_csv), "--truth", str(truth), "-o", str(metrics_json)]
+    assert main(args) == 0
+    assert "F1" in capsys.readouterr().out
+    m = json.loads(metrics_json.read_text())
+    assert m["radius_um"] == 4.0
+    assert m["f1"] > 0.6
+    assert m["pos_n_truth"] > 0
+
+
+def test_detect_writes_geojson_and_parquet(slide_path, tmp_path):
+    import pandas as pd
+
+    gj, pq = tmp_path / "cells.geojson", tmp_path / "cells.parquet"
+    base = ["detect", str(slide_path), "--detector", "classical", "--region", "0,0,600,450"]
+    assert main([*base, "-o", str(gj)]) == 0
+    assert main([*base, "--set", "threshold_od=0.5", "-o", str(pq)]) == 0
+    features = json.loads(gj.read_text())["features"]
+    assert features
+    assert all(f["properties"]["objectType"] == "detection" for f in features)
+    assert {f["properties"]["classification"]["name"] for f in features} <= {"Positive", "Negative"}
+    table = pd.read_parquet(pq)
+    assert len(table) == len(features)
+    # a stricter threshold never adds positives
+    n_pos_default = sum(f["properties"]["classification"]["name"] == "Positive" for f in features)
+    assert table["positive"].sum() <= n_pos_default
+
+
+def test_detect_bad_options_are_one_line(slide_path, tmp_path, capsys):
+    out = str(tmp_path / "c.csv")
+    assert main(["detect", str(slide_path), "--marker", "CD999", "-o", out]) == 2
+    assert "CD8" in capsys.readouterr().err  # lists the known markers
+    assert main(["detect", str(slide_path), "--set", "threshold_od=nan", "-o", out]) == 2
+    assert "threshold_od" in capsys.readouterr().err
+    assert main(["detect", str(slide_path), "-o", str(tmp_path / "c.xlsx")]) == 2
+    assert ".geojson" in capsys.readouterr().err

@@ -245,3 +245,62 @@ def format_table(metrics: dict[str, Any], title: str = "tilscore evaluate") -> s
         )
     )
     return "\n".join(lines)
+
+
+def evaluate_tables(
+    pred: pd.DataFrame,
+    truth: pd.DataFrame,
+    radius_um: float = 4.0,
+    mpp: float | None = None,
+    *,
+    truth_positive_only: bool = False,
+    names: tuple[str, str] = ("predicted", "truth"),
+) -> dict[str, Any]:
+    """:func:`evaluate_cells` for two cells tables as read from files (``tilscore evaluate``).
+
+    Both tables are matched in µm: from their ``x_um, y_um`` columns when both have them,
+    else from ``x, y`` in px times ``mpp``.
+
+    Parameters
+    ----------
+    pred, truth
+        Cells tables (``x, y`` or ``x_um, y_um``, and ``positive``).
+    radius_um
+        Matching radius (µm).
+    mpp
+        Pixel size (µm/px) of ``x, y`` when a table lacks µm columns.
+    truth_positive_only
+        The truth lists positive cells only.
+    names
+        How errors name the two tables.
+
+    Returns
+    -------
+    dict
+        JSON-able metrics (NaN as None), plus ``radius_um`` and the tables' names.
+    """
+    if not (radius_um > 0 and math.isfinite(radius_um)):
+        raise ConfigError(f"radius_um must be a positive number of µm, got {radius_um!r}")
+    tables = []
+    for df, name in zip((pred, truth), names):
+        if {"x_um", "y_um"} <= set(df.columns) and mpp is None:
+            xy = df[["x_um", "y_um"]].to_numpy(float)
+        elif {"x", "y"} <= set(df.columns):
+            if mpp is None:
+                raise ConfigError(
+                    "the table has x, y in px but no x_um, y_um",
+                    path=name,
+                    hint="Pass the pixel size (--mpp) to convert px to µm",
+                )
+            xy = df[["x", "y"]].to_numpy(float) * float(mpp)
+        else:
+            raise ConfigError("the table has no x, y (px) or x_um, y_um columns", path=name)
+        if "positive" not in df.columns:
+            raise ConfigError("the table has no 'positive' column", path=name)
+        tables.append(pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "positive": df["positive"]}))
+    metrics = evaluate_cells(
+        tables[0], tables[1], radius_um, truth_positive_only=truth_positive_only
+    )
+    metrics = to_jsonable(metrics)
+    metrics.update(radius_um=float(radius_um), pred=names[0], truth=names[1])
+    return metrics
