@@ -247,7 +247,6 @@ def iter_detect_cells(
     from ..stain import deconvolve
 
     rule = get_marker(marker, **overrides)
-    det = _Detector(detector, model, device, detector_params or {})
     tile_size_px, halo_px = int(tile_size_px), int(halo_px)
     if tile_size_px < 64 or halo_px < 0:
         raise ConfigError(
@@ -260,6 +259,7 @@ def iter_detect_cells(
     else:
         slide, owned, is_array = open_slide(source, mpp=mpp), True, False
     try:
+        det = _Detector(detector, model, device, detector_params or {})
         stains_used, bg, tissue = _stains_and_background(slide, stains, background, is_array)
         geom = _as_region(region, slide)
         area = _Area(tissue, geom) if (tissue is not None or geom is not None) else None
