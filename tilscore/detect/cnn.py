@@ -474,8 +474,8 @@ class CNNDetector:
     ) -> list[tuple[pd.DataFrame, np.ndarray | None]]:
         """:meth:`predict` for many tiles, run through the network in batches.
 
-        Tiles of different sizes are padded to the largest (results do not depend on the
-        batch companions beyond float rounding).
+        Tiles are batched with others of the same padded size, so each result equals
+        :meth:`predict` on that tile.
         """
         thr = self.threshold if threshold is None else float(threshold)
         if not math.isfinite(thr) or not 0.0 < thr < 1.0:
@@ -483,25 +483,27 @@ class CNNDetector:
         stride = int(self.config["output_stride"])
         nms_px = max(1, round(float(self.config["nms_radius_um"]) / (self.mpp * stride)))
         arrays = [_check_rgb(t) for t in tiles]
-        results: list[tuple[pd.DataFrame, np.ndarray | None]] = []
-        for start in range(0, len(arrays), max(1, int(batch_size))):
-            chunk = arrays[start : start + max(1, int(batch_size))]
-            hmax = max(a.shape[0] for a in chunk)
-            wmax = max(a.shape[1] for a in chunk)
-            shape = (-(-hmax // _MULTIPLE) * _MULTIPLE, -(-wmax // _MULTIPLE) * _MULTIPLE)
-            batch = np.stack([self._prepare(a, background, shape) for a in chunk])
-            heat, prob = self._forward(batch)
-            for i, a in enumerate(chunk):
-                cells = decode(
-                    heat[i],
-                    prob[i],
-                    threshold=thr,
-                    nms_radius_px=nms_px,
-                    stride=stride,
-                    height=a.shape[0],
-                    width=a.shape[1],
-                )
-                results.append((cells, None))
+        bs = max(1, int(batch_size))
+        results: list[tuple[pd.DataFrame, np.ndarray | None]] = [None] * len(arrays)  # type: ignore[list-item]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, a in enumerate(arrays):  # same padded shape -> same result as predict()
+            groups.setdefault(_padded_shape(a.shape), []).append(i)
+        for shape, idx in groups.items():
+            for start in range(0, len(idx), bs):
+                chunk = idx[start : start + bs]
+                batch = np.stack([self._prepare(arrays[i], background, shape) for i in chunk])
+                heat, prob = self._forward(batch)
+                for k, i in enumerate(chunk):
+                    cells = decode(
+                        heat[k],
+                        prob[k],
+                        threshold=thr,
+                        nms_radius_px=nms_px,
+                        stride=stride,
+                        height=arrays[i].shape[0],
+                        width=arrays[i].shape[1],
+                    )
+                    results[i] = (cells, None)
         return results
 
     def heatmaps(
@@ -509,11 +511,15 @@ class CNNDetector:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Raw outputs for one image: heat (h, w) and class probabilities (C, h, w) at 1/stride."""
         a = _check_rgb(rgb)
-        shape = (-(-a.shape[0] // _MULTIPLE) * _MULTIPLE, -(-a.shape[1] // _MULTIPLE) * _MULTIPLE)
-        heat, prob = self._forward(self._prepare(a, background, shape)[None])
+        heat, prob = self._forward(self._prepare(a, background, _padded_shape(a.shape))[None])
         s = int(self.config["output_stride"])
         h, w = -(-a.shape[0] // s), -(-a.shape[1] // s)
         return heat[0, :h, :w], prob[0, :, :h, :w]
+
+
+def _padded_shape(shape: Sequence[int]) -> tuple[int, int]:
+    """(H, W) rounded up to the network's multiple."""
+    return (-(-shape[0] // _MULTIPLE) * _MULTIPLE, -(-shape[1] // _MULTIPLE) * _MULTIPLE)
 
 
 def count_parameters(model) -> int:
