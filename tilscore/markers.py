@@ -48,7 +48,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -254,39 +254,6 @@ MARKERS: dict[str, MarkerRule] = {
         cell_classes=("immune", "other"),
         description="macrophages: granular DAB in abundant cytoplasm; never tumour cells",
     ),
-    "CD3": MarkerRule(
-        name="CD3",
-        measure="membrane",
-        expansion_um=3.0,
-        membrane_width_um=1.5,
-        threshold_od=_RING_THRESHOLD,
-        bins_od=_RING_BINS,
-        cell_classes=("immune",),
-        max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
-        description="T cells: membranous DAB around a lymphocyte nucleus (as CD8)",
-    ),
-    "CD4": MarkerRule(
-        name="CD4",
-        measure="membrane",
-        expansion_um=3.0,
-        membrane_width_um=1.5,
-        threshold_od=_RING_THRESHOLD,
-        bins_od=_RING_BINS,
-        cell_classes=("immune",),
-        max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
-        description="helper T cells: membranous DAB around a lymphocyte nucleus (as CD8)",
-    ),
-    "CD20": MarkerRule(
-        name="CD20",
-        measure="membrane",
-        expansion_um=3.0,
-        membrane_width_um=1.5,
-        threshold_od=_RING_THRESHOLD,
-        bins_od=_RING_BINS,
-        cell_classes=("immune",),
-        max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
-        description="B cells: membranous DAB around a lymphocyte nucleus (as CD8)",
-    ),
     "FOXP3": MarkerRule(
         name="FOXP3",
         measure="nucleus",
@@ -309,6 +276,15 @@ MARKERS: dict[str, MarkerRule] = {
         description="proliferating cells of any class: nuclear DAB (QuPath's nucleus thresholds)",
     ),
 }
+
+
+# T- and B-cell membrane markers read exactly like CD8 (a ring around a lymphocyte nucleus)
+for _name, _cells in (("CD3", "T cells"), ("CD4", "helper T cells"), ("CD20", "B cells")):
+    MARKERS[_name] = replace(
+        MARKERS["CD8"],
+        name=_name,
+        description=f"{_cells}: membranous DAB around a lymphocyte nucleus (as CD8)",
+    )
 
 
 def _known() -> list[str]:

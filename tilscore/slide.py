@@ -633,7 +633,23 @@ def _reduced_series(main: Any, others: list[Any]) -> list[Any]:
 # ------------------------------------------------------------------------ plain images (cv2) ---
 
 
-class _ImageBackend:
+class _InMemoryBackend:
+    """A one-level image held whole in memory as RGB uint8 (``self._rgb``)."""
+
+    _rgb: np.ndarray
+    meta: _Meta
+
+    def preferred_chunk(self, level: int) -> tuple[int, int]:
+        return 1024, 1024
+
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        return self._rgb[y : y + height, x : x + width].copy()
+
+    def close(self) -> None:
+        self._rgb = np.zeros((0, 0, 3), np.uint8)
+
+
+class _ImageBackend(_InMemoryBackend):
     """PNG / JPEG images, decoded whole (they are small); no pixel size in the file."""
 
     def __init__(self, path: Path) -> None:
@@ -657,17 +673,8 @@ class _ImageBackend:
         vendor_props = {"tilscore.vendor": "image", "image.format": path.suffix.lower()}
         self.meta = _Meta("image", [(w, h)], properties=vendor_props, associated={})
 
-    def preferred_chunk(self, level: int) -> tuple[int, int]:
-        return 1024, 1024
 
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        return self._rgb[y : y + height, x : x + width].copy()
-
-    def close(self) -> None:
-        self._rgb = np.zeros((0, 0, 3), np.uint8)
-
-
-class _ArrayBackend:
+class _ArrayBackend(_InMemoryBackend):
     """An image already in memory (a numpy array), as a one-level slide."""
 
     def __init__(self, image: np.ndarray, name: str) -> None:
@@ -682,15 +689,6 @@ class _ArrayBackend:
         self._rgb = _to_rgb(arr)
         h, w = self._rgb.shape[:2]
         self.meta = _Meta("array", [(w, h)], properties={"tilscore.vendor": "array"}, associated={})
-
-    def preferred_chunk(self, level: int) -> tuple[int, int]:
-        return 1024, 1024
-
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
-        return self._rgb[y : y + height, x : x + width].copy()
-
-    def close(self) -> None:
-        self._rgb = np.zeros((0, 0, 3), np.uint8)
 
 
 # -------------------------------------------------------------------------- DICOM (wsidicom) ---
