@@ -87,6 +87,20 @@ def test_immune_cells_are_called_immune(detector, tiles):
     assert np.mean(cells["cell_class"].to_numpy()[m[:, 0]][lymph] == "immune") >= 0.8
 
 
+def test_black_and_grey_tiles_have_no_cells(detector):
+    for value in (0, 60, 128):
+        cells, _ = detector.predict(np.full((200, 248, 3), value, np.uint8))
+        assert len(cells) == 0
+        assert list(cells.columns) == ["x", "y", "confidence", "cell_class"]
+
+
+def test_black_square_on_glass_has_no_cells(detector):
+    img = np.full((240, 240, 3), 255, np.uint8)
+    img[40:200, 40:200] = 0
+    cells, _ = detector.predict(img)
+    assert len(cells) == 0
+
+
 def test_white_tile_has_no_cells(detector):
     cells, _ = detector.predict(np.full((256, 320, 3), 255, np.uint8))
     assert len(cells) == 0

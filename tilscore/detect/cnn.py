@@ -494,6 +494,20 @@ class CNNDetector:
                 batch = np.stack([self._prepare(arrays[i], background, shape) for i in chunk])
                 heat, prob = self._forward(batch)
                 for k, i in enumerate(chunk):
+                    if _is_flat(arrays[i]):  # e.g. all black: its border would look like a nucleus
+                        results[i] = (
+                            decode(
+                                heat[k],
+                                prob[k],
+                                threshold=1.0,
+                                nms_radius_px=1,
+                                stride=stride,
+                                height=0,
+                                width=0,
+                            ),
+                            None,
+                        )
+                        continue
                     cells = decode(
                         heat[k],
                         prob[k],
@@ -503,7 +517,7 @@ class CNNDetector:
                         height=arrays[i].shape[0],
                         width=arrays[i].shape[1],
                     )
-                    results[i] = (cells, None)
+                    results[i] = (_drop_saturated(cells, batch[k]), None)
         return results
 
     def heatmaps(
@@ -515,6 +529,27 @@ class CNNDetector:
         s = int(self.config["output_stride"])
         h, w = -(-a.shape[0] // s), -(-a.shape[1] // s)
         return heat[0, :h, :w], prob[0, :, :h, :w]
+
+
+def _drop_saturated(cells: pd.DataFrame, od: np.ndarray, max_od: float = 2.0) -> pd.DataFrame:
+    """Drop cells centred on near-black pixels (mean OD of R, G, B over 5x5 px above ``max_od``).
+
+    No stained nucleus absorbs 99 % of the light in every channel; black ink, scanner
+    artefacts and their corners against glass do, and would otherwise look like nuclei.
+    """
+    if len(cells) == 0:
+        return cells
+    from scipy import ndimage
+
+    mean = ndimage.uniform_filter(od.mean(axis=2), size=5, mode="nearest")
+    r = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, od.shape[0] - 1)
+    c = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, od.shape[1] - 1)
+    return cells[mean[r, c] <= max_od].reset_index(drop=True)
+
+
+def _is_flat(rgb: np.ndarray, tolerance: int = 12) -> bool:
+    """True for an image without contrast (all pixels within ``tolerance`` grey levels)."""
+    return int(rgb.max()) - int(rgb.min()) <= tolerance
 
 
 def _padded_shape(shape: Sequence[int]) -> tuple[int, int]:
