@@ -51,7 +51,6 @@ DEFAULTS: dict[str, float] = {
     "max_radius_um": 10.0,
     "tumour_area_um2": 75.0,
     "elongation": 2.2,
-    "max_residual_od": 0.3,
 }
 
 
@@ -145,7 +144,6 @@ def detect_nuclei_classical(
         ``min_distance_um`` (µm), ``distance_weight`` (OD per µm of distance to the
         foreground edge in the seed score), ``min_area_um2``/``max_area_um2`` (µm²),
         ``max_radius_um`` (µm), ``tumour_area_um2`` (µm²), ``elongation`` (axis ratio),
-        ``max_residual_od`` (OD: pixels above it are opaque, not stain),
         ``otsu_fraction`` (0 = fixed threshold).
 
     Returns
@@ -180,13 +178,7 @@ def detect_nuclei_classical(
                 p["otsu_fraction"] * float(threshold_otsu(vals[:: max(1, vals.size // 200_000)])),
             )
     p["threshold_od"] = thr
-    fg = smooth > thr
-    # opaque pixels (black ink, pigment, folds) absorb all colours alike: a large residual OD
-    # that no mix of hematoxylin and DAB explains. They are not nuclei.
-    opaque = conc[..., 2] > np.float32(p["max_residual_od"])
-    if opaque.any():
-        fg &= ~cv2.dilate(opaque.astype(np.uint8), _disc(max(1, round(1.0 / mpp)))).astype(bool)
-    fg = fg.astype(np.uint8)
+    fg = (smooth > thr).astype(np.uint8)
     empty = (
         pd.DataFrame(
             {
