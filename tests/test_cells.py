@@ -9,19 +9,13 @@ import pandas as pd
 import pytest
 
 from tilscore.cells import CELL_COLUMNS, measure_cells, segment_nuclei, validate_cells
+from tilscore.detect.cnn import CELL_TYPE_TO_CLASS
 from tilscore.errors import ConfigError
 from tilscore.markers import classify_cells, get_marker
 from tilscore.stain import deconvolve, estimate_background
 from tilscore.synthetic import synthetic_tile
 
-CLASS_OF = {
-    "tumour": "tumour",
-    "lymphocyte": "immune",
-    "nk": "immune",
-    "fibroblast": "other",
-    "macrophage": "other",
-    "nerve": "other",
-}
+CLASS_OF = CELL_TYPE_TO_CLASS
 
 
 @pytest.fixture(scope="module")

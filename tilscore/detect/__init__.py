@@ -42,6 +42,9 @@ __all__ = ["DETECTORS", "DetectionSettings", "detect_cells", "iter_detect_cells"
 DETECTORS = ("cnn", "classical")
 #: Pixel size (µm/px) the classical detector works at (QuPath's default for detection).
 CLASSICAL_MPP = 0.5
+#: Near-black grey pixels (brightest channel below this, 8-bit, little colour) are opaque, not
+#: stain: black ink, carbon pigment. Very dark brown DAB keeps its colour and is not affected.
+OPAQUE_MAX_INTENSITY = 16
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,13 @@ def _cnn(name: str, device: str | None):
     from .cnn import CNNDetector
 
     return CNNDetector.load(name, device=device)
+
+
+def _opaque(rgb: np.ndarray) -> np.ndarray:
+    """Dark, colourless pixels: brightest channel < OPAQUE_MAX_INTENSITY, chroma < 35 %."""
+    hi = rgb.max(axis=2).astype(np.int16)
+    lo = rgb.min(axis=2).astype(np.int16)
+    return (hi < OPAQUE_MAX_INTENSITY) & ((hi - lo) * 20 <= hi * 7 + 60)
 
 
 class _Detector:
@@ -269,6 +279,11 @@ def iter_detect_cells(
         yield done, total
         for tile in slide.iter_tiles(det.mpp, tile_size_px, halo_px, mask=area):
             conc = deconvolve(tile.image, stains_used, bg)
+            # opaque pixels (black ink, carbon pigment, folds: dark and grey) are neither
+            # hematoxylin nor DAB; treated as unstained, they make no nucleus and no positivity
+            opaque = _opaque(tile.image)
+            if opaque.any():
+                conc[opaque] = 0.0
             centres, labels = det(tile.image, conc, bg, rule)
             if len(centres):
                 cells = measure_cells(centres, conc, det.mpp, rule, nuclei=labels)
