@@ -219,11 +219,13 @@ def segment_nuclei(
 def _means(labels: np.ndarray, values: list[np.ndarray], n: int) -> tuple[np.ndarray, list]:
     """Pixel counts and per-label means of ``values`` over labels 1..n (NaN where empty)."""
     flat = labels.ravel()
+    inside = np.flatnonzero(flat)  # labelled pixels only: most of a tile is not in a region
+    flat = flat[inside]
     counts = np.bincount(flat, minlength=n + 1)[: n + 1].astype(np.float64)
     out = []
     with np.errstate(invalid="ignore", divide="ignore"):
         for v in values:
-            s = np.bincount(flat, weights=v.ravel(), minlength=n + 1)[: n + 1]
+            s = np.bincount(flat, weights=v.ravel()[inside], minlength=n + 1)[: n + 1]
             out.append((s / counts)[1:])
     return counts[1:], out
 

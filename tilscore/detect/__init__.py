@@ -99,9 +99,16 @@ def _cnn(name: str, device: str | None):
 
 def _opaque(rgb: np.ndarray) -> np.ndarray:
     """Dark, colourless pixels: brightest channel < OPAQUE_MAX_INTENSITY, chroma < 35 %."""
-    hi = rgb.max(axis=2).astype(np.int16)
-    lo = rgb.min(axis=2).astype(np.int16)
-    return (hi < OPAQUE_MAX_INTENSITY) & ((hi - lo) * 20 <= hi * 7 + 60)
+    import cv2
+
+    r, g, b = cv2.split(np.ascontiguousarray(rgb))
+    hi = cv2.max(cv2.max(r, g), b)
+    dark = hi < OPAQUE_MAX_INTENSITY
+    if not dark.any():
+        return dark
+    lo = cv2.min(cv2.min(r, g), b).astype(np.int16)
+    hi16 = hi.astype(np.int16)
+    return dark & ((hi16 - lo) * 20 <= hi16 * 7 + 60)
 
 
 class _Detector:

@@ -539,12 +539,13 @@ def _drop_saturated(cells: pd.DataFrame, od: np.ndarray, max_od: float = 2.0) ->
     """
     if len(cells) == 0:
         return cells
-    from scipy import ndimage
-
-    mean = ndimage.uniform_filter(od.mean(axis=2), size=5, mode="nearest")
-    r = np.clip(np.rint(cells["y"].to_numpy()).astype(int), 0, od.shape[0] - 1)
-    c = np.clip(np.rint(cells["x"].to_numpy()).astype(int), 0, od.shape[1] - 1)
-    return cells[mean[r, c] <= max_od].reset_index(drop=True)
+    # sample only the 5x5 windows around the centres (edge pixels repeated), not the whole image
+    r = np.rint(cells["y"].to_numpy()).astype(int)[:, None] + np.arange(-2, 3)[None, :]
+    c = np.rint(cells["x"].to_numpy()).astype(int)[:, None] + np.arange(-2, 3)[None, :]
+    r = np.clip(r, 0, od.shape[0] - 1)
+    c = np.clip(c, 0, od.shape[1] - 1)
+    mean = od[r[:, :, None], c[:, None, :]].mean(axis=(1, 2, 3))
+    return cells[mean <= max_od].reset_index(drop=True)
 
 
 def _is_flat(rgb: np.ndarray, tolerance: int = 12) -> bool:
