@@ -121,6 +121,11 @@ def test_demo_runs_on_the_bundled_example_slides(tmp_path):
         # about half of each example slide is tissue (4000 x 3000 px at 0.5 µm/px = 3 mm²)
         assert 1.2 < s["tissue_area_mm2"] < 1.8
         assert (tmp_path / s["slide"].split(".")[0] / "stain.json").exists()
+        assert (tmp_path / s["slide"].split(".")[0] / "cells.csv").exists()
+        # detection with the slide's marker, compared with the slide's own truth
+        assert s["marker"] in ("CD8", "CD68", "CD56")
+        assert s["truth"]["f1_cells"] > 0.9
+        assert abs(s["pct_positive"] - s["truth"]["pct_positive"]) < 3
     assert json.loads((tmp_path / "demo_summary.json").read_text()) == summaries
 
 
