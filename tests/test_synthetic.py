@@ -318,3 +318,24 @@ def test_small_cd56_tiles_always_render(seed):
         "nk",
         "nerve",
     }
+
+
+def test_some_cd8_positives_are_solid_brown():
+    """Strongly stained T cells: DAB fills the cell and hides the nucleus, on part of them."""
+    from tilscore.stain import deconvolve
+    from tilscore.synthetic.layout import _position_hash
+
+    layout = make_layout(marker="CD8", width_px=1600, height_px=1600, mpp=0.5, seed=41)
+    cells = layout.cells[layout.cells.positive]
+    solid = _position_hash(cells[["x", "y"]].to_numpy()) < layout.spec.solid_positive_fraction
+    assert 0.2 < solid.mean() < 0.8
+    od = deconvolve(render_region(layout, 0, 0, 1600, 1600, 0.5))
+    xi = cells.x.to_numpy().astype(int).clip(0, 1599)
+    yi = cells.y.to_numpy().astype(int).clip(0, 1599)
+    centre_dab = od[yi, xi, 1]
+    # DAB over the nucleus centre: high in solid cells, low in ring cells
+    assert np.median(centre_dab[solid]) > 2 * np.median(centre_dab[~solid])
+    none = make_layout(
+        marker="CD8", width_px=1600, height_px=1600, mpp=0.5, seed=41, solid_positive_fraction=0
+    )
+    assert none.cells.x.equals(layout.cells.x)  # the layout does not depend on the share
