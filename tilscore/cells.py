@@ -21,13 +21,12 @@ Everything is vectorised: two OpenCV distance transforms with nearest-pixel labe
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError
+from .errors import ConfigError, check_positive
 from .markers import CELL_CLASSES, MarkerRule, get_marker
 
 #: the cells table: column -> dtype, in order (required ones first)
@@ -126,13 +125,7 @@ def _check_conc(conc: Any) -> np.ndarray:
 
 
 def _check_mpp(mpp: Any) -> float:
-    try:
-        value = float(mpp)
-    except (TypeError, ValueError):
-        raise ConfigError(f"mpp must be a number of µm per px, got {mpp!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"mpp must be a positive finite number of µm per px, got {mpp!r}")
-    return value
+    return check_positive(mpp, "mpp (µm per px)")
 
 
 def nearest_label(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

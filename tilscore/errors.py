@@ -7,6 +7,7 @@ what to do about it; the CLI prints them as one line and exits with status 2.
 
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -57,6 +58,17 @@ class ConfigError(TilscoreError):
     """A parameter or configuration value is invalid."""
 
 
+def check_positive(value: object, name: str) -> float:
+    """``value`` as a positive finite float, else a :class:`ConfigError` naming ``name``."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from e
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+    return number
+
+
 class TilscoreWarning(UserWarning):
     """Something was repaired or a fallback was used; the result records it."""
 
@@ -69,4 +81,5 @@ __all__ = [
     "TilscoreError",
     "TilscoreWarning",
     "UnsupportedFormatError",
+    "check_positive",
 ]

@@ -33,6 +33,7 @@ from .errors import (
     RegionError,
     SlideReadError,
     UnsupportedFormatError,
+    check_positive,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -933,7 +934,7 @@ class Slide:
                 path=name,
                 hint="Pass mpp=, e.g. mpp=0.5 for a 20x scan",
             )
-        return cls(Path(name), _ArrayBackend(image, name), _check_positive(mpp, "mpp"))
+        return cls(Path(name), _ArrayBackend(image, name), check_positive(mpp, "mpp"))
 
     # -- context manager / repr ------------------------------------------------------------
     def __enter__(self) -> Slide:
@@ -966,7 +967,7 @@ class Slide:
 
         Returns level 0 when even level 0 is coarser than ``mpp``.
         """
-        mpp = _check_positive(mpp, "mpp")
+        mpp = check_positive(mpp, "mpp")
         fine_enough = [lv for lv in range(self.level_count) if self.level_mpp(lv) <= mpp * 1.01]
         return max(fine_enough, key=self.level_mpp, default=0)
 
@@ -1055,7 +1056,7 @@ class Slide:
             RGB uint8 of shape (round(height * slide.mpp / mpp), round(width * slide.mpp / mpp),
             3), read from :meth:`best_level_for_mpp` and resized with area interpolation.
         """
-        mpp = _check_positive(mpp, "mpp")
+        mpp = check_positive(mpp, "mpp")
         scale = self.mpp / mpp
         out_w, out_h = round(width * scale), round(height * scale)
         if width <= 0 or height <= 0 or out_w < 1 or out_h < 1:
@@ -1100,7 +1101,7 @@ class Slide:
         Tile
             With its image (size + 2 * overlap px square), level-0 position and grid index.
         """
-        mpp = _check_positive(mpp, "mpp")
+        mpp = check_positive(mpp, "mpp")
         size, overlap = int(size), int(overlap)
         if size < 1 or overlap < 0:
             raise ConfigError(f"tile size {size} px must be >= 1 and overlap {overlap} px >= 0")
@@ -1146,7 +1147,7 @@ class Slide:
 
         Reads the coarsest level at least as large, block by block, so memory stays bounded.
         """
-        max_size = int(_check_positive(max_size, "max_size"))
+        max_size = int(check_positive(max_size, "max_size"))
         w0, h0 = self.dimensions
         scale = min(1.0, max_size / max(w0, h0))
         out_w, out_h = max(1, round(w0 * scale)), max(1, round(h0 * scale))
@@ -1173,16 +1174,6 @@ class Slide:
 def _chunks(total: int, chunk: int) -> tuple[int, ...]:
     full, rest = divmod(total, chunk)
     return (chunk,) * full + ((rest,) if rest else ())
-
-
-def _check_positive(value: float, name: str) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{name} must be a number, got {value!r}") from e
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
-    return value
 
 
 def _check_size(width: int, height: int, path: Path) -> tuple[int, int]:
@@ -1292,7 +1283,7 @@ def open_slide(
     """
     path = Path(path)
     if mpp is not None:
-        mpp = _check_positive(mpp, "mpp")
+        mpp = check_positive(mpp, "mpp")
     if backend not in _BACKENDS:
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(_BACKENDS)}")
     if not path.exists():
