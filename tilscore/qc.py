@@ -60,12 +60,10 @@ def slide_info(slide: Slide) -> dict[str, Any]:
 def _save_png(image: np.ndarray, path: Path) -> Path:
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(np.ascontiguousarray(image)).save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    from .export import atomic_write
+
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
 
 
 def write_thumbnail(slide: Slide, path: str | os.PathLike, max_size: int = 1024) -> Path:
@@ -264,9 +262,8 @@ def write_stain_qc(qc: StainQC, slide: Slide, outdir: str | os.PathLike) -> dict
             axis=1,
         )
         files["stain_tile"] = _save_png(panel, outdir / "stain_tile.png")
-    record = qc.to_dict()
-    tmp = outdir / f".stain.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, outdir / "stain.json")
-    files["json"] = outdir / "stain.json"
+    from .export import atomic_write
+
+    text = json.dumps(qc.to_dict(), indent=2)
+    files["json"] = atomic_write(outdir / "stain.json", lambda tmp: tmp.write_text(text))
     return files

@@ -307,9 +307,9 @@ def write_truth(layout: SyntheticLayout, prefix: str | os.PathLike) -> dict[str,
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from ..export import atomic_write
+
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def make_synthetic_slide(
