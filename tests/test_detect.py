@@ -120,3 +120,22 @@ def test_bad_arguments_are_clear_errors(cd8_field):
         detect_cells(rgb, mpp=0.5, detector="classical", threshold_od=float("nan"))
     with pytest.raises(ConfigError, match="detector"):
         detect_cells(rgb, mpp=0.5, detector="magic")
+
+
+def test_a_precomputed_slide_qc_is_used_not_recomputed(tmp_path, monkeypatch):
+    import tilscore.qc
+    from tilscore import open_slide
+
+    path = tmp_path / "s.tif"
+    make_synthetic_slide(path, marker="CD8", width_px=1000, height_px=800, seed=5)
+    with open_slide(path) as slide:
+        qc = tilscore.qc.slide_stain_qc(slide)
+        ref = detect_cells(slide, detector="classical")
+
+        def fail(*args, **kwargs):
+            raise AssertionError("slide_stain_qc ran again")
+
+        monkeypatch.setattr(tilscore.qc, "slide_stain_qc", fail)
+        again = detect_cells(slide, detector="classical", qc=qc)
+    assert len(again) == len(ref)
+    assert again.attrs["settings"]["background"] == ref.attrs["settings"]["background"]

@@ -86,7 +86,7 @@ def run_demo(output: Path, slides_dir: Path | None = None, console: Any = None) 
             qc = slide_stain_qc(slide)
             files = write_stain_qc(qc, slide, outdir)
             marker = _marker_of(path)
-            cells = detect_cells(slide, marker=marker) if marker else None
+            cells = detect_cells(slide, marker=marker, qc=qc) if marker else None
         d = qc.to_dict()
         summary = {
             "slide": path.name,

@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import shapely
 
     from ..markers import MarkerRule
+    from ..qc import StainQC
     from ..slide import Slide
     from ..stain import StainMatrix
     from ..tissue import TissueMask
@@ -200,11 +201,12 @@ def _count_tiles(slide: Slide, mpp: float, size: int, area: _Area | None) -> int
 
 
 def _stains_and_background(
-    slide: Slide, stains: Any, background: Any, is_array: bool
+    slide: Slide, stains: Any, background: Any, is_array: bool, qc: StainQC | None = None
 ) -> tuple[StainMatrix, np.ndarray, TissueMask | None]:
     """Resolve the stain vectors, ``I0`` and tissue mask of a run (estimated where asked).
 
-    A slide file: the tissue mask, ``I0`` and vectors are estimated from the slide unless given.
+    A slide file: the tissue mask, ``I0`` and vectors are estimated from the slide unless given
+    (``qc``: a :func:`tilscore.qc.slide_stain_qc` result already computed for this slide).
     An image in memory: Ruifrok-Johnston and I0 = 255 unless given; ``stains="estimate"``
     estimates the vectors from the image itself (no tissue mask: a field is all tissue).
     """
@@ -214,9 +216,10 @@ def _stains_and_background(
         raise ConfigError(f"stains must be a StainMatrix, 'estimate' or None, got {stains!r}")
     tissue = None
     if not is_array:
-        from ..qc import slide_stain_qc
+        if qc is None:
+            from ..qc import slide_stain_qc
 
-        qc = slide_stain_qc(slide)
+            qc = slide_stain_qc(slide)
         tissue = qc.tissue
         stains = qc.stains if (stains is None or stains == "estimate") else stains
         background = qc.background if background is None else background
@@ -245,6 +248,7 @@ def iter_detect_cells(
     region: Any = None,
     stains: StainMatrix | str | None = None,
     background: Any = None,
+    qc: StainQC | None = None,
     tile_size_px: int = 1024,
     halo_px: int = 48,
     model: str = "default",
@@ -277,7 +281,7 @@ def iter_detect_cells(
         slide, owned, is_array = open_slide(source, mpp=mpp), True, False
     try:
         det = _Detector(detector, model, device, detector_params or {})
-        stains_used, bg, tissue = _stains_and_background(slide, stains, background, is_array)
+        stains_used, bg, tissue = _stains_and_background(slide, stains, background, is_array, qc)
         geom = _as_region(region, slide)
         area = _Area(tissue, geom) if (tissue is not None or geom is not None) else None
         total = _count_tiles(slide, det.mpp, tile_size_px, area)
@@ -369,6 +373,9 @@ def detect_cells(
         Keyword: stain matrix (or "estimate") and glass brightness ``I0`` (R, G, B). For slides
         both are estimated from the slide when omitted; for arrays the defaults are the
         Ruifrok-Johnston vectors and I0 = 255.
+    qc
+        Keyword: the slide's :func:`tilscore.qc.slide_stain_qc` result, when the caller already
+        has it (its tissue mask, vectors and ``I0`` are then not computed again).
     tile_size_px, halo_px
         Keyword: tile core and halo at the detector's pixel size (px). The halo must exceed a
         nucleus radius plus the cell expansion; the result does not depend on the tile size.
