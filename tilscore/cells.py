@@ -47,7 +47,7 @@ CELL_COLUMNS: dict[str, str] = {
     "intensity_bin": "int8",
 }
 #: measured columns beyond the required ones (kept when present)
-OPTIONAL_COLUMNS: dict[str, str] = {"dab_od_surround": "float32"}
+OPTIONAL_COLUMNS: dict[str, str] = {"dab_od_surround": "float32", "cell_area_um2": "float32"}
 
 _NUCLEUS_MAX_RADIUS_UM = 10.0  # largest nucleus radius searched around a centre
 _SMOOTH_SIGMA_UM = 0.75  # smoothing of the segmentation signal
@@ -267,6 +267,7 @@ def measure_cells(
     if n == 0:
         out = table.copy()
         out["dab_od_surround"] = np.zeros(0, np.float32)
+        out["cell_area_um2"] = np.zeros(0, np.float32)
         return validate_cells(out)
     hem = np.ascontiguousarray(conc[..., 0])
     dab = np.ascontiguousarray(conc[..., 1])
@@ -310,6 +311,8 @@ def measure_cells(
     out["dab_od_cytoplasm"] = d_cyto
     out["dab_od_cell"] = d_cell
     out["dab_od_surround"] = d_sur
+    # nucleus + expansion (limited by neighbours): the area a positive cell covers
+    out["cell_area_um2"] = (n_area + n_cyto) * mpp * mpp
     out["positive"] = False
     out["intensity_bin"] = 0
     return validate_cells(out)

@@ -339,7 +339,7 @@ def _load_toml(path: str | os.PathLike) -> dict[str, Any]:
         with open(path, "rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
-        raise ConfigError("marker config not found", path=path) from None
+        raise ConfigError("config file not found", path=path, hint="check the path") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", path=path) from None
 
