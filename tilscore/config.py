@@ -69,6 +69,17 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         # marker from the file name when a manifest does not give it (case-insensitive regex
         # whose first group is the marker name)
         "marker_pattern": r"(?<![A-Za-z0-9])(CD8|CD68|CD56|CD3|CD4|CD20|FOXP3|KI-?67)(?![0-9])",
+        # regions files looked for beside a slide when a manifest names none, comma-separated
+        # ({stem}: the slide's file name without its suffix); the first that exists is used
+        "regions_beside": "{stem}.regions.geojson, {stem}.geojson",
+        # what a re-run compares to skip a done slide: "fast" (size, mtime, sha256 of the first
+        # and last MiB) or "full" (sha256 of the whole file)
+        "input_hash": "fast",
+        # local cluster size: 0 = chosen for the machine (docs/scaling.md)
+        "workers": 0,
+        "threads_per_worker": 0,
+        # memory limit per local worker: "auto" (machine memory / workers) or e.g. "8GB"
+        "memory_limit": "auto",
     },
 }
 
