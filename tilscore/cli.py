@@ -139,7 +139,49 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of example slides (default: the repository's example_slides/)",
     )
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "batch",
+        help="score many slides (folders, files, manifest CSVs) on Dask; resumable",
+        description="Score every slide of folders (searched recursively), slide files and "
+        "manifest CSVs (columns path, marker, regions, patient, timepoint, mpp, ...) on a Dask "
+        "cluster. Results go to OUT/<slide_id>/, OUT/summary.csv, OUT/cells/ and OUT/errors.csv; "
+        "a re-run skips the slides done with the same input and config. Exit status 0 when "
+        "every slide was scored, 1 when any failed.",
+    )
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="folder, slide or CSV")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output folder")
+    p.add_argument("--config", type=Path, default=None, metavar="TOML", help="configuration file")
+    p.add_argument(
+        "--marker", default=None, help="marker of slides whose manifest and file name name none"
+    )
+    p.add_argument(
+        "--scheduler", default=None, metavar="ADDRESS", help="existing Dask scheduler address"
+    )
+    p.add_argument("--workers", type=_positive_int, default=None, help="local worker processes")
+    p.add_argument(
+        "--threads-per-worker", type=_positive_int, default=None, help="slides at once per worker"
+    )
+    p.add_argument("--force", action="store_true", help="score every slide again")
+    p.set_defaults(func=_cmd_batch)
+
+    p = sub.add_parser("config", help="print the configuration (TOML) with every default")
+    p.add_argument("--show", action="store_true", help="print the effective configuration")
+    p.add_argument(
+        "--config", type=Path, default=None, metavar="TOML", help="show this file over the defaults"
+    )
+    p.set_defaults(func=_cmd_config)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
 
 
 def _console():
@@ -334,6 +376,108 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     run_demo(args.output, slides_dir=args.slides, console=_console())
+    return 0
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    console = _console()
+    report = _BatchProgress(console)
+    try:
+        result = run_batch(
+            args.inputs,
+            args.output,
+            config=args.config,
+            marker=args.marker,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            threads_per_worker=args.threads_per_worker,
+            force=args.force,
+            on_event=report,
+        )
+    except KeyboardInterrupt:
+        report.close()
+        print(
+            f"tilscore batch: interrupted; the finished slides are kept in {args.output}; "
+            "run the same command again to score the rest",
+            file=sys.stderr,
+        )
+        return 130
+    report.close()
+    console.print(
+        f"{result.n_done} scored, {result.n_skipped} already done, {result.n_failed} failed "
+        f"in {result.seconds:.0f} s; wrote {result.summary_path}"
+        + (f" and {result.errors_path}" if result.failed else "")
+    )
+    return 0 if result.ok else 1
+
+
+class _BatchProgress:
+    """A rich progress bar (done, failed, ETA) on a terminal, one plain line per slide else."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+        self.bar = None
+        self.task = None
+
+    def __call__(self, ev) -> None:
+        if ev.kind == "start":
+            self.console.print(ev.message)
+            if ev.dashboard:
+                self.console.print(f"dashboard: {ev.dashboard}")
+            if self.console.is_terminal:
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TextColumn,
+                    TimeRemainingColumn,
+                )
+
+                self.bar = Progress(
+                    TextColumn("scoring"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TextColumn("{task.fields[failed]} failed"),
+                    TimeRemainingColumn(),
+                    console=self.console,
+                )
+                self.bar.start()
+                self.task = self.bar.add_task("scoring", total=ev.total, failed=0)
+            return
+        n = ev.done + ev.failed + ev.skipped
+        if ev.kind == "failed":
+            rec = ev.record
+            line = f"[{n}/{ev.total}] {ev.slide_id}: failed: {rec.get('error_type')}: "
+            line += str(rec.get("message", "")).splitlines()[0] if rec.get("message") else ""
+        elif ev.kind == "done":
+            line = f"[{n}/{ev.total}] {ev.slide_id}: done in {ev.record.get('seconds', 0):.1f} s"
+        else:
+            line = f"[{n}/{ev.total}] {ev.slide_id}: already done"
+        if self.bar is not None:
+            if ev.kind != "skipped":
+                self.bar.console.print(line, markup=False)
+            self.bar.update(self.task, completed=n, failed=ev.failed)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from .config import default_config_toml, load_config
+
+    if not args.show:
+        print("tilscore config: nothing to do; use --show", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.config is None:
+        print(default_config_toml(), end="")
+    else:
+        print(load_config(args.config).to_toml(), end="")
     return 0
 
 

@@ -1,0 +1,1111 @@
+"""Batch scoring of many slides on Dask: resumable, fault-tolerant, local or on a cluster.
+
+:func:`run_batch` (and the ``tilscore batch`` command) finds the slides of any mix of folders,
+files and manifest CSVs, tells each slide's marker, and scores each slide as one Dask task with
+:func:`tilscore.score.score_slide`, on a :class:`distributed.LocalCluster` sized for the machine
+or on an existing cluster (``scheduler=``). Nothing is lost:
+
+- each slide's results are written into ``OUT/.tmp-<slide_id>-<random>/`` and renamed into
+  ``OUT/<slide_id>/`` when complete, with ``batch.json`` (the done marker, holding the slide's
+  key); a folder named ``OUT/<slide_id>`` is therefore always whole;
+- one bad slide (missing, corrupt, no µm/px, unknown marker, a crash of the scorer, a worker
+  killed under it) is written to ``OUT/errors.csv`` and the batch goes on;
+- the key of a slide is a hash of its input (file size, modification time and the first and last
+  MiB, or the whole file with ``input_hash = "full"``), its marker, regions file and µm/px, and
+  the effective configuration (:func:`scoring_config_hash`: the config without its ``[batch]``
+  table). A re-run skips the slides
+  whose folder holds the same key and redoes the others; ``force=True`` redoes all;
+- ``OUT/summary.csv`` (one row per slide x compartment, with the manifest's columns) and
+  ``OUT/cells/<slide_id>.parquet`` are rebuilt from the finished slides at the end of every run,
+  interrupted or not. Leftover temporary folders of a killed run are removed on the next one.
+
+:func:`iter_batch` is the same run as a generator of :class:`BatchEvent` (the CLI draws its
+progress bar from it); :func:`run_batch` exhausts it and returns a :class:`BatchReport`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import threading
+import time
+import traceback
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError, TilscoreError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import pandas as pd
+
+__all__ = [
+    "SLIDE_SUFFIXES",
+    "BatchEvent",
+    "BatchItem",
+    "BatchReport",
+    "discover_slides",
+    "iter_batch",
+    "marker_from_name",
+    "plan_batch",
+    "run_batch",
+]
+
+log = logging.getLogger(__name__)
+
+#: File suffixes a folder search takes as slides (lower case). Plain PNG/JPEG images carry no
+#: µm/px and are taken only when named on the command line or in a manifest. A folder holding
+#: ``.dcm`` files is one DICOM slide.
+SLIDE_SUFFIXES = (
+    ".svs",
+    ".tif",
+    ".tiff",
+    ".ndpi",
+    ".scn",
+    ".bif",
+    ".mrxs",
+    ".vms",
+    ".vmu",
+    ".svslide",
+)
+
+#: Names in OUT that a slide folder may not take.
+_RESERVED = {"cells", "summary.csv", "errors.csv", "config.toml", "batch.json"}
+_DONE = "batch.json"
+_LOCK = ".batch.lock"
+_MIB = 1 << 20
+
+
+# ----------------------------------------------------------------------------------------------
+# what to score
+
+
+@dataclass
+class BatchItem:
+    """One slide to score.
+
+    Attributes
+    ----------
+    path
+        The slide file (or DICOM folder), absolute.
+    slide_id
+        Unique, filesystem-safe name of its output folder ``OUT/<slide_id>``.
+    marker
+        Marker name (canonical, e.g. "CD8"), None when it could not be told.
+    marker_source
+        "manifest", "file name" or "--marker".
+    regions
+        Regions file (QuPath GeoJSON), or None for automatic regions.
+    mpp
+        Level-0 µm/px overriding the file's, or None.
+    meta
+        The manifest's other columns (patient, timepoint, extras), carried into the summary.
+    error
+        (error type, message) when the slide cannot be scored (unknown marker, missing file);
+        such items are reported, not submitted.
+    """
+
+    path: Path
+    slide_id: str = ""
+    marker: str | None = None
+    marker_source: str | None = None
+    regions: Path | None = None
+    mpp: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: tuple[str, str] | None = None
+    source: str = "argument"
+
+
+def _is_manifest(path: Path) -> bool:
+    return path.suffix.lower() == ".csv"
+
+
+def _slide_stem(path: Path) -> str:
+    name = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem if path.is_file() or path.suffix else name
+
+
+def _walk_slides(folder: Path, skip: Path | None) -> Iterator[Path]:
+    """Slides under ``folder`` (recursive, sorted, hidden entries and ``skip`` left out)."""
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".") and (skip is None or (here / d).resolve() != skip)
+        )
+        if any(f.lower().endswith(".dcm") for f in files):
+            yield here  # a DICOM WSI: the folder is the slide
+            dirs[:] = []
+            continue
+        for f in sorted(files):
+            if not f.startswith(".") and f.lower().endswith(SLIDE_SUFFIXES):
+                yield here / f
+
+
+def _read_manifest(path: Path) -> list[BatchItem]:
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read the manifest: {e}", path=path) from e
+    table.columns = [str(c).strip() for c in table.columns]
+    lower = {c.lower(): c for c in table.columns}
+    if "path" not in lower:
+        raise ConfigError(
+            "the manifest has no 'path' column",
+            path=path,
+            hint="A manifest is a CSV with a column path (required) and optionally marker, "
+            "regions, patient, timepoint, mpp and any others",
+        )
+    table = table.rename(
+        columns={lower[k]: k for k in ("path", "marker", "regions", "mpp") if k in lower}
+    )
+    base = path.parent
+    items = []
+    for row_no, row in enumerate(table.to_dict("records"), start=2):
+        rel = str(row.pop("path")).strip()
+        if not rel:
+            continue
+        slide = Path(rel).expanduser()
+        slide = (slide if slide.is_absolute() else base / slide).resolve()
+        item = BatchItem(path=slide, source=f"{path.name}:{row_no}")
+        marker = str(row.pop("marker", "") or "").strip()
+        if marker:
+            item.marker, item.marker_source = marker, "manifest"
+        regions = str(row.pop("regions", "") or "").strip()
+        if regions:
+            r = Path(regions).expanduser()
+            item.regions = (r if r.is_absolute() else base / r).resolve()
+        mpp = str(row.pop("mpp", "") or "").strip()
+        if mpp:
+            try:
+                item.mpp = float(mpp)
+                if not item.mpp > 0 or item.mpp == float("inf"):
+                    raise ValueError(mpp)
+            except ValueError:
+                item.error = (
+                    "ConfigError",
+                    f"{path}: row {row_no}: mpp {mpp!r} is not a positive number of µm/px",
+                )
+        item.meta = {k: (v if v != "" else None) for k, v in row.items()}
+        items.append(item)
+    return items
+
+
+def discover_slides(
+    inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLike | None = None
+) -> list[BatchItem]:
+    """The slides named by any mix of folders, files and manifest CSVs.
+
+    Parameters
+    ----------
+    inputs
+        Folders (searched recursively for :data:`SLIDE_SUFFIXES`; a folder of ``.dcm`` files is
+        one slide), slide files, and manifest CSVs (column ``path`` required; ``marker``,
+        ``regions``, ``mpp`` and every other column such as ``patient`` and ``timepoint``
+        optional; relative paths are resolved against the manifest's folder).
+    exclude
+        A folder not to search (the batch's output folder when it lies inside an input).
+
+    Returns
+    -------
+    list of BatchItem
+        One per distinct slide, in input order, without slide ids yet; a slide named twice is
+        listed once (a manifest row wins over a folder search, which carries no metadata).
+
+    Raises
+    ------
+    ConfigError
+        An input does not exist, or a manifest cannot be read or has no ``path`` column.
+    """
+    skip = Path(exclude).resolve() if exclude is not None else None
+    items: list[BatchItem] = []
+    seen: dict[Path, int] = {}
+    for raw in inputs:
+        path = Path(raw).expanduser()
+        if not path.exists():
+            raise ConfigError("no such file or folder", path=path, hint="Check the path")
+        if path.is_dir() and not any(p.suffix.lower() == ".dcm" for p in path.iterdir()):
+            found = [
+                BatchItem(path=p.resolve(), source=str(path)) for p in _walk_slides(path, skip)
+            ]
+        elif path.is_file() and _is_manifest(path):
+            found = _read_manifest(path)
+        else:
+            found = [BatchItem(path=path.resolve(), source="argument")]
+        for item in found:
+            prev = seen.get(item.path)
+            if prev is None:
+                seen[item.path] = len(items)
+                items.append(item)
+            elif items[prev].source != "argument" and ":" not in items[prev].source:
+                items[prev] = item  # a manifest row replaces a folder hit
+            elif ":" in item.source and ":" in items[prev].source:
+                item.error = (
+                    "ConfigError",
+                    f"listed twice ({items[prev].source} and "
+                    f"{item.source}); scored once, as first listed",
+                )
+                log.warning("%s: %s", item.path, item.error[1])
+    return items
+
+
+def _safe(text: str) -> str:
+    text = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
+    return text[:120] or "slide"
+
+
+def assign_slide_ids(items: Sequence[BatchItem]) -> None:
+    """Give every item a unique, filesystem-safe ``slide_id`` (in place).
+
+    The id is the file name without its suffix, with characters other than letters, digits,
+    ``.``, ``_`` and ``-`` replaced by ``_``. Slides whose ids collide (the same file name in
+    two folders; compared case-insensitively, as macOS and Windows file systems do) all get
+    ``-`` and 8 hex digits of a hash of their absolute path, so an id does not depend on the
+    order of the inputs. A manifest column ``slide_id`` is used as given (made safe).
+    """
+    wanted = []
+    for item in items:
+        given = item.meta.pop("slide_id", None) if item.meta else None
+        sid = _safe(str(given)) if given else _safe(_slide_stem(item.path))
+        if sid.lower() in _RESERVED:
+            sid = f"{sid}-slide"
+        wanted.append(sid)
+    counts: dict[str, int] = {}
+    for sid in wanted:
+        counts[sid.lower()] = counts.get(sid.lower(), 0) + 1
+    for item, sid in zip(items, wanted):
+        if counts[sid.lower()] > 1:
+            digest = hashlib.sha1(str(item.path).encode()).hexdigest()[:8]
+            sid = f"{sid}-{digest}"
+        item.slide_id = sid
+
+
+def marker_from_name(name: str, pattern: str | None = None) -> str | None:
+    """The marker named in a file name, by the ``[batch] marker_pattern`` regular expression.
+
+    Returns the matched name (e.g. "cd8", "Ki-67"), or None when the name matches nowhere.
+
+    Raises
+    ------
+    ConfigError
+        The name matches two different markers ("CD3_CD8.svs"): ambiguous, not guessed.
+    """
+    if pattern is None:
+        from .config import DEFAULTS
+
+        pattern = DEFAULTS["batch"]["marker_pattern"]
+    rx = re.compile(pattern, re.IGNORECASE)
+    found = []
+    for m in rx.finditer(name):
+        value = m.groupdict().get("marker") or (m.group(1) if m.groups() else m.group(0))
+        if value and value.replace("-", "").upper() not in [
+            f.replace("-", "").upper() for f in found
+        ]:
+            found.append(value)
+    if len(found) > 1:
+        raise ConfigError(
+            f"the file name names several markers ({', '.join(found)})",
+            hint="Give the marker in a manifest (column marker)",
+        )
+    return found[0] if found else None
+
+
+def _canonical_marker(config: Any, name: str) -> str:
+    """The marker's name as the presets or the config's tables spell it ("ki-67" -> "Ki67")."""
+    try:
+        return config.marker_rule(name).name
+    except ConfigError:
+        if "-" not in name:
+            raise
+        return config.marker_rule(name.replace("-", "")).name
+
+
+def _resolve_markers(items: Sequence[BatchItem], config: Any, fallback: str | None) -> None:
+    settings = batch_settings(config)
+    for item in items:
+        if item.error is not None:
+            continue
+        try:
+            if item.marker is None:
+                name = marker_from_name(_slide_stem(item.path), settings["marker_pattern"])
+                if name is not None:
+                    item.marker, item.marker_source = name, "file name"
+                elif fallback:
+                    item.marker, item.marker_source = fallback, "--marker"
+        except ConfigError as e:
+            item.error = ("UnknownMarker", f"{item.path}: {e}")
+            continue
+        if item.marker is None:
+            item.error = (
+                "UnknownMarker",
+                f"{item.path}: no marker in the manifest or the file name, and no --marker",
+            )
+            continue
+        try:
+            item.marker = _canonical_marker(config, item.marker)
+        except ConfigError as e:
+            item.error = (
+                "UnknownMarker",
+                f"{item.path}: marker {item.marker!r} (from the {item.marker_source}): "
+                f"{e.reason}; {e.hint or ''}".rstrip("; "),
+            )
+
+
+def _find_regions(items: Sequence[BatchItem], config: Any) -> None:
+    text = batch_settings(config)["regions_beside"]
+    patterns = [p.strip() for p in text.split(",") if p.strip()]
+    for item in items:
+        if item.regions is not None or item.error is not None:
+            continue
+        for pattern in patterns:
+            candidate = item.path.parent / pattern.format(stem=_slide_stem(item.path))
+            if candidate.is_file() and candidate != item.path:
+                item.regions = candidate
+                break
+
+
+def plan_batch(
+    inputs: Iterable[str | os.PathLike],
+    *,
+    config: Any = None,
+    marker: str | None = None,
+    exclude: str | os.PathLike | None = None,
+) -> list[BatchItem]:
+    """Discover the slides, give them ids, markers and regions files (see :func:`run_batch`).
+
+    Items that cannot be scored carry ``error``; nothing is read beyond file names here.
+    """
+    cfg = _load_config(config)
+    items = discover_slides(inputs, exclude=exclude)
+    assign_slide_ids(items)
+    for item in items:
+        if item.error is None and not item.path.exists():
+            item.error = ("SlideReadError", f"{item.path}: no such file")
+        if item.error is None and item.regions is not None and not item.regions.is_file():
+            item.error = ("RegionError", f"{item.regions}: regions file not found")
+    _resolve_markers(items, cfg, marker)
+    _find_regions(items, cfg)
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration and keys
+
+
+def _load_config(config: Any) -> Any:
+    from .config import load_config
+
+    return load_config(config)
+
+
+def batch_settings(config: Any) -> dict[str, Any]:
+    """The ``[batch]`` table of a config (see :data:`tilscore.config.DEFAULTS`), checked."""
+    out = dict(_load_config(config)["batch"])
+    if out["input_hash"] not in ("fast", "full"):
+        raise ConfigError(f"[batch] input_hash must be 'fast' or 'full', got {out['input_hash']!r}")
+    try:
+        re.compile(out["marker_pattern"])
+    except re.error as e:
+        raise ConfigError(f"[batch] marker_pattern is not a regular expression: {e}") from e
+    return out
+
+
+def scoring_config_hash(config: Any) -> str:
+    """sha256 of the config without its ``[batch]`` table, which does not change a result.
+
+    (The marker pattern and regions files it selects enter a slide's key on their own.)
+    """
+    data = _load_config(config).to_dict()
+    data.pop("batch", None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _file_fingerprint(path: Path, mode: str) -> dict[str, Any]:
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if mode == "full":
+            for block in iter(lambda: f.read(8 * _MIB), b""):
+                h.update(block)
+            return {"size": st.st_size, "sha256": h.hexdigest()}
+        h.update(f.read(_MIB))
+        if st.st_size > 2 * _MIB:
+            f.seek(st.st_size - _MIB)
+            h.update(f.read(_MIB))
+        elif st.st_size > _MIB:
+            h.update(f.read())
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_head_tail": h.hexdigest()}
+
+
+def input_fingerprint(path: str | os.PathLike, mode: str = "fast") -> dict[str, Any]:
+    """What identifies a slide's content: size, mtime and a hash (``[batch] input_hash``).
+
+    A folder (DICOM) is fingerprinted file by file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return {
+            str(p.relative_to(path)): _file_fingerprint(p, mode)
+            for p in sorted(path.rglob("*"))
+            if p.is_file()
+        }
+    return _file_fingerprint(path, mode)
+
+
+def slide_key(item: BatchItem, config_hash: str, mode: str = "fast") -> str:
+    """sha256 over the slide's input, marker, regions, µm/px and the config hash."""
+    record = {
+        "input": input_fingerprint(item.path, mode),
+        "marker": item.marker,
+        "regions": input_fingerprint(item.regions, "full") if item.regions else None,
+        "mpp": item.mpp,
+        "config": config_hash,
+    }
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def _done_key(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / _DONE).read_text())["key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# one slide (runs on a worker)
+
+
+def _set_torch_threads(n: int | None) -> None:
+    if not n:
+        return
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Move the finished ``tmp`` folder to ``final``, replacing an older one."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def score_one(
+    item: BatchItem,
+    out: str | os.PathLike,
+    config: Any,
+    key: str,
+    torch_threads: int | None = None,
+) -> dict[str, Any]:
+    """Score one slide into ``out/<slide_id>/`` atomically; never raises for a bad slide.
+
+    Returns a record: ``status`` "done" with ``seconds``, or "failed" with ``error_type``,
+    ``message`` and, for errors that are not a :class:`~tilscore.errors.TilscoreError`, the
+    ``traceback``. This is the Dask task of :func:`run_batch`.
+    """
+    from .score import score_slide
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    tmp = out / f".tmp-{item.slide_id}-{secrets.token_hex(4)}"
+    record: dict[str, Any] = {"slide_id": item.slide_id, "path": str(item.path)}
+    try:
+        _set_torch_threads(torch_threads)
+        result = score_slide(
+            item.path,
+            marker=item.marker,
+            regions=item.regions,
+            config=config,
+            mpp=item.mpp,
+        )
+        result.slide_id = item.slide_id
+        if "slide_id" in result.summary.columns:
+            result.summary["slide_id"] = item.slide_id
+        tmp.mkdir(parents=True)
+        result.save(tmp)
+        seconds = time.perf_counter() - t0
+        done = {
+            "key": key,
+            "slide_id": item.slide_id,
+            "path": str(item.path),
+            "marker": item.marker,
+            "marker_source": item.marker_source,
+            "regions": str(item.regions) if item.regions else None,
+            "mpp": item.mpp,
+            "meta": item.meta,
+            "seconds": round(seconds, 3),
+            "host": socket.gethostname(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (tmp / _DONE).write_text(json.dumps(done, indent=2, default=str))
+        _replace_dir(tmp, out / item.slide_id)
+        record.update(status="done", seconds=seconds)
+    except Exception as e:  # the fault barrier: one bad slide never stops the batch
+        record.update(
+            status="failed",
+            error_type=type(e).__name__,
+            message=str(e),
+            seconds=time.perf_counter() - t0,
+        )
+        if not isinstance(e, TilscoreError):
+            record["traceback"] = traceback.format_exc()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class BatchEvent:
+    """Progress of a batch: ``kind`` is "start", "done", "failed" or "skipped".
+
+    ``done``, ``failed``, ``skipped`` count the slides so far; ``total`` counts all slides of
+    the run (errors found before scoring included). ``record`` is the slide's record.
+    """
+
+    kind: str
+    total: int
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    slide_id: str | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+    dashboard: str | None = None
+    message: str = ""
+
+
+@dataclass
+class BatchReport:
+    """What a batch run did.
+
+    Attributes
+    ----------
+    out
+        The output folder.
+    done, skipped
+        Slide ids scored in this run, and found already done with the same key.
+    failed
+        One record per failed slide (``slide_id``, ``path``, ``error_type``, ``message``).
+    summary_path, errors_path, cells_dir
+        ``OUT/summary.csv``, ``OUT/errors.csv``, ``OUT/cells``.
+    dashboard
+        The Dask dashboard address, if there was one.
+    seconds
+        Wall time of the run (s).
+    """
+
+    out: Path
+    done: list[str]
+    skipped: list[str]
+    failed: list[dict[str, Any]]
+    summary_path: Path
+    errors_path: Path
+    cells_dir: Path
+    dashboard: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def n_done(self) -> int:
+        return len(self.done)
+
+    @property
+    def n_skipped(self) -> int:
+        return len(self.skipped)
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failed)
+
+    @property
+    def ok(self) -> bool:
+        """True when no slide failed."""
+        return not self.failed
+
+
+def default_cluster_size(cpus: int | None = None) -> tuple[int, int]:
+    """(workers, threads per worker) of the default LocalCluster for ``cpus`` cores.
+
+    One process per core, one slide at a time each: on 2 cores 2 x 1 beat 1 x 2 (the GIL-bound
+    parts of one slide overlap badly with a second slide in the same process); see
+    docs/scaling.md for the measurement.
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, int(cpus or 1)), 1
+
+
+class _Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that the run ends cleanly."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Interrupted(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """One batch at a time per output folder (a lock file holding host and pid)."""
+    path = out / _LOCK
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                host, pid = path.read_text().split()
+                alive = host != socket.gethostname() or _pid_alive(int(pid))
+            except (OSError, ValueError):
+                alive = False
+            if alive:
+                raise ConfigError(
+                    f"another batch ({path.read_text().strip()}) is writing here",
+                    path=out,
+                    hint=f"Wait for it, or remove {path} if it is gone",
+                ) from None
+            path.unlink(missing_ok=True)  # left by a run that was killed
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text() == me:
+                path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path) -> list[Path]:
+    """Remove the temporary folders and files of killed runs."""
+    removed = []
+    for p in out.iterdir():
+        if p.name.startswith((".tmp-", ".old-")) or (
+            p.name.startswith(".") and p.name.endswith(".tmp")
+        ):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _dashboard(client: Any) -> str | None:
+    try:
+        import bokeh  # noqa: F401  (the dashboard is served only when bokeh is installed)
+    except ImportError:
+        return None
+    return client.dashboard_link
+
+
+@contextlib.contextmanager
+def _client(
+    scheduler: Any,
+    workers: int,
+    threads: int,
+    memory_limit: str | int | float,
+    processes: bool,
+) -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+        try:
+            yield client
+        finally:
+            if client is not scheduler:
+                client.close()
+        return
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads,
+        processes=processes,
+        memory_limit=memory_limit,
+        dashboard_address=":0",
+        silence_logs=logging.ERROR,
+    )
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()
+
+
+def iter_batch(
+    inputs: Iterable[str | os.PathLike],
+    out: str | os.PathLike,
+    config: Any = None,
+    marker: str | None = None,
+    scheduler: Any = None,
+    *,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    processes: bool = True,
+    force: bool = False,
+) -> Generator[BatchEvent, None, BatchReport]:
+    """Run a batch, yielding a :class:`BatchEvent` per slide; returns the :class:`BatchReport`.
+
+    Parameters are those of :func:`run_batch`. Interrupting it (KeyboardInterrupt, SIGTERM in
+    the main thread, or closing the generator) cancels the slides in flight, keeps the finished
+    ones, rewrites ``summary.csv`` and ``errors.csv`` from them and re-raises.
+    """
+    t0 = time.perf_counter()
+    cfg = _load_config(config)
+    settings = batch_settings(cfg)
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    items = plan_batch(inputs, config=cfg, marker=marker, exclude=out)
+    if not items:
+        raise ConfigError(
+            "no slides found",
+            hint=f"Name slide files, folders holding {', '.join(SLIDE_SUFFIXES)} files, or a "
+            "manifest CSV with a path column",
+        )
+    config_hash = scoring_config_hash(cfg)
+    total = len(items)
+    failed: list[dict[str, Any]] = []
+    done: list[str] = []
+    skipped: list[str] = []
+    finished: list[BatchItem] = []  # slides whose folder holds this run's key
+    to_run: list[tuple[BatchItem, str]] = []
+    with _lock(out):
+        _clean_leftovers(out)
+        _write_config(out, cfg)
+        for item in items:
+            if item.error is not None:
+                failed.append(_failure(item, *item.error))
+                continue
+            try:
+                key = slide_key(item, config_hash, settings["input_hash"])
+            except OSError as e:
+                failed.append(_failure(item, "SlideReadError", f"{item.path}: {e}"))
+                continue
+            if not force and _done_key(out / item.slide_id) == key:
+                skipped.append(item.slide_id)
+                finished.append(item)
+            else:
+                to_run.append((item, key))
+        counts = {"done": 0, "failed": len(failed), "skipped": len(skipped)}
+
+        def event(kind: str, **kw: Any) -> BatchEvent:
+            return BatchEvent(kind=kind, total=total, **counts, **kw)
+
+        dashboard = None
+        try:
+            if to_run:
+                n_workers, n_threads = _cluster_size(workers, threads_per_worker, settings)
+                torch_threads = 1 if scheduler is None and processes else None
+                with (
+                    _sigterm_as_interrupt(),
+                    _client(
+                        scheduler, n_workers, n_threads, settings["memory_limit"], processes
+                    ) as client,
+                ):
+                    dashboard = _dashboard(client)
+                    yield event(
+                        "start",
+                        dashboard=dashboard,
+                        message=_start_message(client, scheduler, len(to_run), len(skipped)),
+                    )
+                    for item in items:
+                        if item.error is not None:
+                            yield event(
+                                "failed", slide_id=item.slide_id, record=_failure(item, *item.error)
+                            )
+                    for sid in skipped:
+                        yield event("skipped", slide_id=sid)
+                    by_key = {}
+                    futures = []
+                    for item, key in to_run:
+                        fut = client.submit(
+                            score_one,
+                            item,
+                            str(out),
+                            cfg,
+                            key,
+                            torch_threads,
+                            key=f"score-{item.slide_id}-{key[:12]}",
+                            pure=False,
+                        )
+                        by_key[fut.key] = item
+                        futures.append(fut)
+                    yield from _collect(futures, by_key, counts, failed, done, finished, event)
+            else:
+                yield event(
+                    "start",
+                    message=f"nothing to score: {len(skipped)} slides done "
+                    "with the same input and config (--force redoes them)",
+                )
+                for item in items:
+                    if item.error is not None:
+                        yield event(
+                            "failed", slide_id=item.slide_id, record=_failure(item, *item.error)
+                        )
+        finally:
+            if scheduler is None:  # the local workers are gone: nothing writes here any more
+                _clean_leftovers(out)
+            summary_path, errors_path, cells_dir = _write_outputs(out, items, finished, failed)
+    return BatchReport(
+        out=out,
+        done=done,
+        skipped=skipped,
+        failed=failed,
+        summary_path=summary_path,
+        errors_path=errors_path,
+        cells_dir=cells_dir,
+        dashboard=dashboard,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _collect(futures, by_key, counts, failed, done, finished, event):
+    from distributed import as_completed
+
+    try:
+        for fut in as_completed(futures):
+            item = by_key[fut.key]
+            if fut.status == "finished":
+                record = fut.result()
+            else:  # the worker died under it (memory limit, crash) or the task was lost
+                exc = fut.exception()
+                record = {
+                    "slide_id": item.slide_id,
+                    "path": str(item.path),
+                    "status": "failed",
+                    "error_type": type(exc).__name__,
+                    "message": f"{exc}",
+                }
+            fut.release()
+            record.setdefault("marker", item.marker)
+            if record["status"] == "done":
+                counts["done"] += 1
+                done.append(item.slide_id)
+                finished.append(item)
+                yield event("done", slide_id=item.slide_id, record=record)
+            else:
+                counts["failed"] += 1
+                failed.append(record)
+                yield event("failed", slide_id=item.slide_id, record=record)
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            futures[0].client.cancel(pending)
+
+
+def _cluster_size(workers, threads, settings) -> tuple[int, int]:
+    w0, t0 = default_cluster_size()
+    w = workers or int(settings.get("workers") or 0) or w0
+    t = threads or int(settings.get("threads_per_worker") or 0) or t0
+    if w < 1 or t < 1:
+        raise ConfigError(f"workers and threads per worker must be >= 1, got {w} x {t}")
+    return w, t
+
+
+def _start_message(client: Any, scheduler: Any, n_run: int, n_skipped: int) -> str:
+    info = client.scheduler_info()
+    ws = info.get("workers", {})
+    threads = sum(w.get("nthreads", 0) for w in ws.values())
+    where = f"scheduler {scheduler}" if scheduler is not None else "a local cluster"
+    skipped = f", {n_skipped} already done" if n_skipped else ""
+    return f"scoring {n_run} slides on {where} ({len(ws)} workers, {threads} threads){skipped}"
+
+
+def _failure(item: BatchItem, error_type: str, message: str) -> dict[str, Any]:
+    return {
+        "slide_id": item.slide_id,
+        "path": str(item.path),
+        "marker": item.marker,
+        "status": "failed",
+        "error_type": error_type,
+        "message": message,
+    }
+
+
+def _write_config(out: Path, cfg: Any) -> None:
+    from .export import atomic_write
+
+    text = cfg.to_toml()
+    atomic_write(out / "config.toml", lambda p: p.write_text(text))
+
+
+_ERROR_COLUMNS = ["slide_id", "path", "marker", "error_type", "message", "traceback"]
+
+
+def _write_outputs(
+    out: Path, items: Sequence[BatchItem], finished: Sequence[BatchItem], failed: list[dict]
+) -> tuple[Path, Path, Path]:
+    """Rebuild summary.csv, cells/ and errors.csv from the finished slides of this run."""
+    import pandas as pd
+
+    from .export import atomic_write
+
+    order = {item.slide_id: i for i, item in enumerate(items)}
+    finished = sorted(finished, key=lambda it: order[it.slide_id])
+    tables = []
+    cells_dir = out / "cells"
+    cells_dir.mkdir(exist_ok=True)
+    keep = set()
+    for item in finished:
+        folder = out / item.slide_id
+        try:
+            summary = pd.read_csv(folder / "summary.csv")
+        except (OSError, ValueError) as e:
+            log.warning("%s: cannot read its summary: %s", folder, e)
+            continue
+        tables.append(_with_meta(summary, item))
+        cells = folder / "cells.parquet"
+        if cells.is_file():
+            target = cells_dir / f"{item.slide_id}.parquet"
+            _link_or_copy(cells, target)
+            keep.add(target.name)
+    for stale in cells_dir.glob("*.parquet"):
+        if stale.name not in keep:
+            stale.unlink(missing_ok=True)
+    summary = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    summary_path = atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
+    errors = (
+        pd.DataFrame(failed, columns=_ERROR_COLUMNS)
+        if failed
+        else pd.DataFrame(columns=_ERROR_COLUMNS)
+    )
+    errors = errors.reindex(columns=_ERROR_COLUMNS)
+    errors_path = atomic_write(out / "errors.csv", lambda p: errors.to_csv(p, index=False))
+    return summary_path, errors_path, cells_dir
+
+
+def _with_meta(summary: pd.DataFrame, item: BatchItem) -> pd.DataFrame:
+    summary = summary.copy()
+    summary["slide_id"] = item.slide_id
+    front = {"slide_id": item.slide_id, "path": str(item.path)}
+    front.update({k: v for k, v in item.meta.items() if k not in summary.columns})
+    for i, (name, value) in enumerate(front.items()):
+        if name in summary.columns:
+            summary.pop(name)
+        summary.insert(i, name, value)
+    return summary
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def run_batch(
+    inputs: Iterable[str | os.PathLike] | str | os.PathLike,
+    out: str | os.PathLike,
+    config: Any = None,
+    marker: str | None = None,
+    scheduler: Any = None,
+    *,
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    processes: bool = True,
+    force: bool = False,
+    on_event: Callable[[BatchEvent], None] | None = None,
+) -> BatchReport:
+    """Score every slide of folders, files and manifests on Dask; resumable and fault-tolerant.
+
+    Parameters
+    ----------
+    inputs
+        Folders (searched recursively), slide files and manifest CSVs, in any mix (see
+        :func:`discover_slides`).
+    out
+        Output folder: ``OUT/<slide_id>/`` per slide, ``OUT/summary.csv``, ``OUT/cells/``,
+        ``OUT/errors.csv``, ``OUT/config.toml`` (the effective config).
+    config
+        A :class:`tilscore.config.Config`, a dict or a TOML path (see
+        :func:`tilscore.config.load_config`); its ``[batch]`` section holds the marker pattern,
+        the regions files looked for beside a slide, the input hash and the cluster size.
+    marker
+        Marker of the slides whose marker neither a manifest nor the file name gives.
+    scheduler
+        Address of an existing Dask scheduler ("tcp://host:8786") or a ``distributed.Client``;
+        None starts a LocalCluster.
+    workers, threads_per_worker
+        LocalCluster size; default from the config, else :func:`default_cluster_size`.
+    processes
+        LocalCluster workers as processes (True) or threads of this process.
+    force
+        Score every slide again, even those done with the same key.
+    on_event
+        Called with each :class:`BatchEvent` (progress).
+
+    Returns
+    -------
+    BatchReport
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    gen = iter_batch(
+        inputs,
+        out,
+        config,
+        marker,
+        scheduler,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+        processes=processes,
+        force=force,
+    )
+    try:
+        while True:
+            ev = next(gen)
+            if on_event is not None:
+                on_event(ev)
+    except StopIteration as stop:
+        return stop.value
+    finally:
+        gen.close()
