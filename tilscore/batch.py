@@ -832,14 +832,33 @@ def iter_batch(
                 finished.append(item)
             else:
                 to_run.append((item, key))
-        counts = {"done": 0, "failed": len(failed), "skipped": len(skipped)}
+        early = list(failed)
+        failed.clear()
+        counts = {"done": 0, "failed": 0, "skipped": 0}
 
         def event(kind: str, **kw: Any) -> BatchEvent:
             return BatchEvent(kind=kind, total=total, **counts, **kw)
 
+        def reported() -> Iterator[BatchEvent]:
+            """The failures found before scoring and the slides already done."""
+            for record in early:
+                counts["failed"] += 1
+                failed.append(record)
+                yield event("failed", slide_id=record["slide_id"], record=record)
+            for sid in skipped:
+                counts["skipped"] += 1
+                yield event("skipped", slide_id=sid)
+
         dashboard = None
         try:
-            if to_run:
+            if not to_run:
+                yield event(
+                    "start",
+                    message=f"nothing to score: {len(skipped)} slides done with the same input "
+                    "and config (--force redoes them)",
+                )
+                yield from reported()
+            else:
                 n_workers, n_threads = _cluster_size(workers, threads_per_worker, settings)
                 torch_threads = 1 if scheduler is None and processes else None
                 with (
@@ -854,13 +873,7 @@ def iter_batch(
                         dashboard=dashboard,
                         message=_start_message(client, scheduler, len(to_run), len(skipped)),
                     )
-                    for item in items:
-                        if item.error is not None:
-                            yield event(
-                                "failed", slide_id=item.slide_id, record=_failure(item, *item.error)
-                            )
-                    for sid in skipped:
-                        yield event("skipped", slide_id=sid)
+                    yield from reported()
                     by_key = {}
                     futures = []
                     for item, key in to_run:
@@ -877,17 +890,6 @@ def iter_batch(
                         by_key[fut.key] = item
                         futures.append(fut)
                     yield from _collect(futures, by_key, counts, failed, done, finished, event)
-            else:
-                yield event(
-                    "start",
-                    message=f"nothing to score: {len(skipped)} slides done "
-                    "with the same input and config (--force redoes them)",
-                )
-                for item in items:
-                    if item.error is not None:
-                        yield event(
-                            "failed", slide_id=item.slide_id, record=_failure(item, *item.error)
-                        )
         finally:
             if scheduler is None:  # the local workers are gone: nothing writes here any more
                 _clean_leftovers(out)
@@ -1033,6 +1035,9 @@ def _with_meta(summary: pd.DataFrame, item: BatchItem) -> pd.DataFrame:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes a hard link to (or, across file systems, a copy of) ``src``, atomically."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return
     tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -1040,6 +1045,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     except OSError:
         shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+    tmp.unlink(missing_ok=True)  # rename() of two links to one file leaves both
 
 
 def run_batch(
