@@ -34,9 +34,22 @@ _LAZY = {
     "estimate_stain_vectors": "stain",
     "TissueMask": "tissue",
     "tissue_mask": "tissue",
+    "detect_cells": "detect",
+    "Config": "config",
+    "load_config": "config",
+    "RegionSet": "regions",
+    "load_regions": "regions",
+    "SlideResult": "score",
+    "iter_score_slide": "score",
+    "score_image": "score",
+    "score_slide": "score",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .config import Config, load_config
+    from .detect import detect_cells
+    from .regions import RegionSet, load_regions
+    from .score import SlideResult, iter_score_slide, score_image, score_slide
     from .slide import Slide, open_slide
     from .stain import (
         StainMatrix,
@@ -62,11 +75,14 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Config",
     "ConfigError",
     "MissingPixelSizeError",
     "RegionError",
+    "RegionSet",
     "Slide",
     "SlideReadError",
+    "SlideResult",
     "StainMatrix",
     "TilscoreError",
     "TilscoreWarning",
@@ -74,9 +90,15 @@ __all__ = [
     "UnsupportedFormatError",
     "__version__",
     "deconvolve",
+    "detect_cells",
     "estimate_background",
     "estimate_stain_vectors",
+    "iter_score_slide",
+    "load_config",
+    "load_regions",
     "open_slide",
     "reconstruct",
+    "score_image",
+    "score_slide",
     "tissue_mask",
 ]
