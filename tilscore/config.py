@@ -54,7 +54,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "auto_min_tumour_fraction": 0.5,  # share of tumour nuclei among all nuclei in a nest
         "auto_min_density_per_mm2": 1500.0,  # tumour nuclei per mm² in a nest
         "auto_min_nest_area_um2": 2000.0,  # smaller blobs are not nests
-        "auto_bed_margin_um": 150.0,  # the tumour bed reaches this far around the nests
+        "auto_bed_margin_um": 300.0,  # nests closer than twice this share one tumour bed
     },
     "output": {
         "cells_parquet": True,

@@ -661,7 +661,7 @@ def auto_regions(
     min_tumour_fraction: float = 0.5,
     min_density_per_mm2: float = 1500.0,
     min_nest_area_um2: float = 2000.0,
-    bed_margin_um: float = 150.0,
+    bed_margin_um: float = 300.0,
 ) -> RegionSet:
     """Tumour nests and tumour bed from the detector's nucleus classes.
 

@@ -73,7 +73,7 @@ COLOURS = {
     "stromal": (0, 150, 0),
     "invasive_margin": (230, 170, 0),
     "excluded": (120, 120, 120),
-    "positive": (150, 40, 0),
+    "positive": (255, 0, 110),
     "negative": (60, 90, 220),
 }
 
@@ -239,9 +239,13 @@ class SlideResult:
             _draw_geom(draw, self.compartments.geometries[name], ds, COLOURS[name], width=2)
         _draw_geom(draw, self.compartments.excluded, ds, COLOURS["excluded"], width=2)
         pos = self.cells[self.cells["positive"]]
-        r = max(1.0, 2.0 * min(1.0, 4.0 / ds))
+        r = 3.0
         for x, y in zip(pos["x"].to_numpy() / ds, pos["y"].to_numpy() / ds):
-            draw.ellipse([x - r, y - r, x + r, y + r], fill=(*COLOURS["positive"], 230))
+            draw.ellipse(
+                [x - r, y - r, x + r, y + r],
+                fill=(*COLOURS["positive"], 255),
+                outline=(255, 255, 255, 255),
+            )
         _legend(
             draw,
             [
