@@ -402,7 +402,7 @@ def _now() -> str:
 def _jsonable(v: Any) -> Any:
     from .evaluate import to_jsonable
 
-    return to_jsonable(v)
+    return to_jsonable({"value": v})["value"]  # to_jsonable takes a dict
 
 
 def _draw_geom(draw: Any, geom: Any, ds: float, colour: tuple[int, int, int], width: int) -> None:
