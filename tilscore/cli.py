@@ -171,6 +171,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", type=Path, default=None, metavar="TOML", help="show this file over the defaults"
     )
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser(
+        "cohort",
+        help="paired pre/post change and association with pCR of a batch summary",
+        description="Per marker x compartment x metric: pre- vs post-treatment change per "
+        "patient (medians, IQR, Wilcoxon signed-rank p) and the odds ratio of pCR per 10 "
+        "percentage points (per 100 cells/mm² for densities) from a logistic regression. Writes "
+        "DIR/paired.csv, DIR/association.csv, plots and a self-contained DIR/report.html.",
+    )
+    p.add_argument("summary", type=Path, metavar="SUMMARY", help="OUT/summary.csv of a batch")
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="slide_id (or path), patient, timepoint, pcr per slide, if the summary lacks them",
+    )
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--metric",
+        dest="metrics",
+        action="append",
+        default=None,
+        metavar="COLUMN",
+        help="metric column (repeatable; default pct_positive, density_per_mm2, area_fraction_pct)",
+    )
+    p.add_argument("--pre", default="pre", help="timepoint value of the pre-treatment biopsy")
+    p.add_argument("--post", default="post", help="timepoint value of the post-treatment biopsy")
+    p.set_defaults(func=_cmd_cohort)
     return parser
 
 
@@ -478,6 +507,34 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print(default_config_toml(), end="")
     else:
         print(load_config(args.config).to_toml(), end="")
+    return 0
+
+
+def _cmd_cohort(args: argparse.Namespace) -> int:
+    import warnings
+
+    from rich.markup import escape
+
+    from .cohort import run_cohort
+    from .errors import TilscoreWarning
+
+    console = _console()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TilscoreWarning)
+        files = run_cohort(
+            args.summary,
+            args.manifest,
+            out_dir=args.output,
+            metrics=args.metrics,
+            pre=args.pre,
+            post=args.post,
+        )
+    for w in caught:
+        if issubclass(w.category, TilscoreWarning):
+            console.print(f"[yellow]warning[/yellow]: {escape(str(w.message))}")
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    console.print(f"wrote {len(files)} files to {args.output}; open {files['report']}")
     return 0
 
 
