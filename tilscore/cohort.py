@@ -848,6 +848,8 @@ img{max-width:100%;border:1px solid #eee;margin:0.5em 0}
 
 def _fmt_table(table: pd.DataFrame) -> str:
     def fmt(v: Any) -> str:
+        if v is None or v is pd.NA:
+            return ""
         if isinstance(v, float):
             if math.isnan(v):
                 return ""
@@ -971,9 +973,11 @@ def run_cohort(
     n_patients = df["patient"].nunique() if "patient" in df else 0
     inputs = {
         "summary": source or "(DataFrame)",
-        "manifest": manifest_path
-        if manifest_path is None or not isinstance(manifest_path, pd.DataFrame)
-        else "(DataFrame)",
+        "manifest": "none"
+        if manifest_path is None
+        else "(DataFrame)"
+        if isinstance(manifest_path, pd.DataFrame)
+        else os.fspath(manifest_path),
         "slides": df["slide_id"].nunique(),
         "patients": n_patients,
         "markers": ", ".join(sorted(df["marker"].unique())),
