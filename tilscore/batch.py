@@ -538,12 +538,10 @@ def score_one(
             regions=item.regions,
             config=config,
             mpp=item.mpp,
+            slide_id=item.slide_id,
         )
-        result.slide_id = item.slide_id
-        if "slide_id" in result.summary.columns:
-            result.summary["slide_id"] = item.slide_id
         tmp.mkdir(parents=True)
-        result.save(tmp)
+        result.save(tmp, config=config)
         seconds = time.perf_counter() - t0
         done = {
             "key": key,
@@ -813,8 +811,8 @@ def iter_batch(
     failed: list[dict[str, Any]] = []
     done: list[str] = []
     skipped: list[str] = []
-    finished: list[BatchItem] = []  # slides whose folder holds this run's key
     to_run: list[tuple[BatchItem, str]] = []
+    keys: dict[str, str] = {}
     with _lock(out):
         _clean_leftovers(out)
         _write_config(out, cfg)
@@ -827,9 +825,9 @@ def iter_batch(
             except OSError as e:
                 failed.append(_failure(item, "SlideReadError", f"{item.path}: {e}"))
                 continue
+            keys[item.slide_id] = key
             if not force and _done_key(out / item.slide_id) == key:
                 skipped.append(item.slide_id)
-                finished.append(item)
             else:
                 to_run.append((item, key))
         early = list(failed)
@@ -889,10 +887,20 @@ def iter_batch(
                         )
                         by_key[fut.key] = item
                         futures.append(fut)
-                    yield from _collect(futures, by_key, counts, failed, done, finished, event)
+                    yield from _collect(futures, by_key, counts, failed, done, event)
         finally:
             if scheduler is None:  # the local workers are gone: nothing writes here any more
                 _clean_leftovers(out)
+            # from the disk, not from the futures seen: a slide may have finished on its worker
+            # just before an interrupt reached this process
+            failed_ids = {r["slide_id"] for r in failed}
+            finished = [
+                it
+                for it in items
+                if it.slide_id in keys
+                and it.slide_id not in failed_ids
+                and _done_key(out / it.slide_id) == keys[it.slide_id]
+            ]
             summary_path, errors_path, cells_dir = _write_outputs(out, items, finished, failed)
     return BatchReport(
         out=out,
@@ -907,7 +915,7 @@ def iter_batch(
     )
 
 
-def _collect(futures, by_key, counts, failed, done, finished, event):
+def _collect(futures, by_key, counts, failed, done, event):
     from distributed import as_completed
 
     try:
@@ -929,7 +937,6 @@ def _collect(futures, by_key, counts, failed, done, finished, event):
             if record["status"] == "done":
                 counts["done"] += 1
                 done.append(item.slide_id)
-                finished.append(item)
                 yield event("done", slide_id=item.slide_id, record=record)
             else:
                 counts["failed"] += 1
@@ -1010,7 +1017,12 @@ def _write_outputs(
     for stale in cells_dir.glob("*.parquet"):
         if stale.name not in keep:
             stale.unlink(missing_ok=True)
-    summary = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if tables:
+        summary = pd.concat(tables, ignore_index=True)
+    else:
+        from .score import SUMMARY_COLUMNS
+
+        summary = pd.DataFrame(columns=["slide_id", "path", *SUMMARY_COLUMNS[1:]])
     summary_path = atomic_write(out / "summary.csv", lambda p: summary.to_csv(p, index=False))
     errors = (
         pd.DataFrame(failed, columns=_ERROR_COLUMNS)
