@@ -218,6 +218,19 @@ def test_manifest_supplies_patient_timepoint_and_pcr(tmp_path):
         pd.testing.assert_frame_equal(paired_change(joined, metrics=["pct_positive"]), expected)
 
 
+def test_manifest_repeats_are_fine_but_conflicts_are_errors(tmp_path):
+    df = simulate_cohort(6, seed=1)
+    summary = df.drop(columns=["pcr"])
+    manifest = df[["slide_id", "pcr"]]  # one row per slide x compartment: identical repeats
+    assert manifest["slide_id"].duplicated().any()
+    joined = load_cohort(summary, manifest)
+    assert (joined["pcr"].to_numpy() == df["pcr"].to_numpy()).all()
+    bad = manifest.copy()
+    bad.loc[bad.index[0], "pcr"] = 1 - bad.loc[bad.index[0], "pcr"]
+    with pytest.raises(TilscoreError, match="more than once with different values"):
+        load_cohort(summary, bad)
+
+
 def test_manifest_without_the_summary_slides_is_an_error(tmp_path):
     df = simulate_cohort(5, seed=1)
     other = pd.DataFrame({"slide_id": ["X1", "X2"], "patient": ["a", "b"], "pcr": [0, 1]})
@@ -233,6 +246,7 @@ def test_manifest_without_the_summary_slides_is_an_error(tmp_path):
         (None, "no such file"),
         (b"", "empty"),
         (b"a,b\n1,2\n", "no column 'slide_id'"),
+        (b"slide_id,marker,compartment,pct_positive\n", "no rows"),
         (b"slide_id,marker,compartment,pct_positive\ns1,CD8,stromal,lots\n", "non-number"),
         (b"slide_id,marker,compartment,pct_positive,pcr\ns1,CD8,stromal,5,maybe\n", "pcr"),
         (b"\xff\xfe\x00\x01\x02 binary \x00\x00", "cannot read"),
@@ -281,7 +295,10 @@ def test_cli_cohort_end_to_end(tmp_path, capsys):
     out = tmp_path / "cohort"
     argv = ["cohort", str(summary), "--manifest", str(manifest), "-o", str(out)]
     assert main([*argv, "--metric", "pct_positive"]) == 0
-    assert "report.html" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "report.html" in printed
+    assert "CD8 stromal pct_positive: median" in printed
+    assert "pCR at pre: OR" in printed
     names = {p.name for p in out.iterdir()}
     assert names == {
         "paired.csv",

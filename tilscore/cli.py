@@ -513,9 +513,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
 def _cmd_cohort(args: argparse.Namespace) -> int:
     import warnings
 
+    import pandas as pd
     from rich.markup import escape
 
-    from .cohort import run_cohort
+    from .cohort import run_cohort, summary_lines
     from .errors import TilscoreWarning
 
     console = _console()
@@ -534,6 +535,11 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
             console.print(f"[yellow]warning[/yellow]: {escape(str(w.message))}")
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    paired, assoc = (
+        pd.read_csv(files[k], converters={"note": str}) for k in ("paired", "association")
+    )
+    for line in summary_lines(paired, assoc):
+        console.print(escape(line), soft_wrap=True)
     console.print(f"wrote {len(files)} files to {args.output}; open {files['report']}")
     return 0
 

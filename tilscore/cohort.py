@@ -283,6 +283,12 @@ def load_cohort(
             path=source,
             hint="Pass OUT/summary.csv of `tilscore batch`: one row per slide x compartment",
         )
+    if len(df) == 0:
+        raise TilscoreError(
+            "the summary has no rows (no slide was scored)",
+            path=source,
+            hint="Check errors.csv of the batch and score the slides first",
+        )
     if metrics is None:
         metrics = [m for m in DEFAULT_METRICS if m in df]
         if not metrics:
@@ -306,7 +312,7 @@ def load_cohort(
                 path=source,
                 hint="Metric columns must be numbers; leave unknown values empty",
             )
-        df[metric] = values.astype(float)
+        df[metric] = values.astype(float).where(np.isfinite(values.astype(float)))  # inf -> NaN
     for col in ("slide_id", "marker", "compartment"):
         df[col] = df[col].astype(str)
     if "patient" in df:
@@ -999,6 +1005,48 @@ def run_cohort(
     return files
 
 
+def summary_lines(
+    paired: pd.DataFrame, association: pd.DataFrame, metric: str | None = None
+) -> list[str]:
+    """Short text lines of the main findings for one metric (default: the first in the tables).
+
+    One line per marker x compartment with the paired change, then one per timepoint with the
+    odds ratio of pCR; a value that could not be estimated shows its note.
+    """
+    tables = [t for t in (paired, association) if len(t)]
+    if not tables:
+        return []
+    metric = metric or str(tables[0]["metric"].iloc[0])
+    keys = pd.concat([t.loc[t["metric"] == metric, ["marker", "compartment"]] for t in tables])
+    lines = []
+    for marker, comp in keys.drop_duplicates().itertuples(index=False):
+        head = f"{marker} {comp} {metric}:"
+        sel = (paired["marker"] == marker) & (paired["compartment"] == comp)
+        rows = paired[sel & (paired["metric"] == metric)]
+        if not len(rows):
+            lines.append(head)
+        for r in rows.itertuples():
+            if r.n_pairs == 0:
+                lines.append(f"{head} {r.note}")
+            else:
+                p = f"Wilcoxon p = {r.p_value:.2g}" if pd.notna(r.p_value) else r.note
+                lines.append(
+                    f"{head} median {r.pre_median:.3g} -> {r.post_median:.3g} "
+                    f"({r.n_pairs} pairs, {p})"
+                )
+        sel = (association["marker"] == marker) & (association["compartment"] == comp)
+        for r in association[sel & (association["metric"] == metric)].itertuples():
+            what = f"  pCR at {r.timepoint}:"
+            if pd.notna(r.odds_ratio_per_10):
+                lines.append(
+                    f"{what} OR {r.odds_ratio_per_10:.2f} per {r.per} "
+                    f"(95% CI {r.ci_low:.2f}-{r.ci_high:.2f}, p = {r.p_value:.2g}, n = {r.n})"
+                )
+            else:
+                lines.append(f"{what} {r.note}")
+    return lines
+
+
 def _require_warn(source: str | None, column: str, what: str) -> None:
     warnings.warn(
         f"{source or 'summary'}: no {column!r} column (or it is empty): the {what} is skipped; "
@@ -1134,4 +1182,5 @@ __all__ = [
     "plot_paired",
     "run_cohort",
     "simulate_cohort",
+    "summary_lines",
 ]
