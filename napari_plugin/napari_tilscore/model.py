@@ -402,6 +402,10 @@ class ScoringSession:
         self.result = self._raw = result
         return result
 
+    def set_result(self, result: Any) -> None:
+        """Adopt a :class:`~tilscore.score.SlideResult` scored elsewhere (e.g. by a script)."""
+        self.result = self._raw = result
+
     def threshold(self) -> float:
         """The threshold (DAB OD) the current result uses, else the preset's."""
         if self.result is not None:
