@@ -213,8 +213,10 @@ def test_manifest_supplies_patient_timepoint_and_pcr(tmp_path):
         by_path, index=False
     )
     expected = paired_change(df, metrics=["pct_positive"])
-    for m in (by_id, by_path):
-        joined = load_cohort(summary, m)
+    no_path = tmp_path / "no_path.csv"  # then the manifest's file name stems are the slide ids
+    pd.read_csv(summary).drop(columns="path").to_csv(no_path, index=False)
+    for s, m in ((summary, by_id), (summary, by_path), (no_path, by_path)):
+        joined = load_cohort(s, m)
         pd.testing.assert_frame_equal(paired_change(joined, metrics=["pct_positive"]), expected)
 
 
