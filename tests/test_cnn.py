@@ -190,3 +190,67 @@ def test_bad_model_name_and_threshold_raise(detector):
 def test_torch_not_imported_by_tilscore():
     code = "import sys, tilscore, tilscore.detect; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# device and precision selection (the CUDA code path, checked on CPU: no GPU in CI)
+
+
+def test_device_auto_picks_cuda_only_when_torch_sees_one(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cnn.select_device(None) == "cpu"
+    assert cnn.select_device("auto") == "cpu"
+    assert cnn.select_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert cnn.select_device(None) == "cuda"
+    assert cnn.select_device("cuda:0") == "cuda:0"
+
+
+def test_asking_for_a_missing_gpu_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        cnn.select_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match="1 GPU"):
+        cnn.select_device("cuda:3")
+    with pytest.raises(ConfigError, match="unknown torch device"):
+        cnn.select_device("gpu-please")
+
+
+def test_bf16_auto_follows_what_the_device_computes_natively(monkeypatch):
+    assert cnn.autocast_dtype("cpu", False) is None
+    assert cnn.autocast_dtype("cuda", False) is None
+    assert cnn.autocast_dtype("cpu", True) == torch.bfloat16
+    monkeypatch.setattr(cnn, "_cpu_has_native_bf16", lambda: True)
+    assert cnn.autocast_dtype("cpu", "auto") == torch.bfloat16
+    monkeypatch.setattr(cnn, "_cpu_has_native_bf16", lambda: False)
+    assert cnn.autocast_dtype("cpu", "auto") is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert cnn.autocast_dtype("cuda:0", "auto") == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert cnn.autocast_dtype("cuda", "auto") is None  # e.g. a V100: float32
+    with pytest.raises(ConfigError, match="bf16"):
+        cnn.autocast_dtype("cpu", "sometimes")
+
+
+def test_bf16_finds_the_same_cells_as_float32(detector, tiles):
+    """bf16 autocast (the default where the CPU or GPU has it) changes no detection."""
+    saved = detector.config["bf16"]
+    try:
+        for marker in ("CD8", "CD56"):
+            rgb, _ = tiles[marker]
+            detector.config["bf16"] = False
+            ref, _ = detector.predict(rgb)
+            detector.config["bf16"] = True
+            half, _ = detector.predict(rgb)
+            # the same cells within 1 µm (2 px: the sub-pixel centroid may move by about 1 px)
+            m = match_count(half[["x", "y"]].to_numpy(), ref[["x", "y"]].to_numpy(), 2.0)
+            assert len(half) == len(ref) == len(m)
+            assert (
+                half["cell_class"].to_numpy()[m[:, 0]] == ref["cell_class"].to_numpy()[m[:, 1]]
+            ).mean() > 0.98
+    finally:
+        detector.config["bf16"] = saved
