@@ -139,3 +139,27 @@ def test_a_precomputed_slide_qc_is_used_not_recomputed(tmp_path, monkeypatch):
         again = detect_cells(slide, detector="classical", qc=qc)
     assert len(again) == len(ref)
     assert again.attrs["settings"]["background"] == ref.attrs["settings"]["background"]
+
+
+@pytest.mark.parametrize("detector", ["classical", "cnn"])
+def test_threads_do_not_change_the_cells(cd8_field, detector):
+    """Tiles processed in worker threads give exactly the cells of one tile at a time, in order."""
+    rgb, _, _ = cd8_field
+    one = detect_cells(rgb, mpp=0.5, detector=detector, tile_size_px=256, workers=1)
+    three = detect_cells(rgb, mpp=0.5, detector=detector, tile_size_px=256, workers=3)
+    pd.testing.assert_frame_equal(one, three)
+    with pytest.raises(ConfigError, match="workers"):
+        detect_cells(rgb, mpp=0.5, detector=detector, workers=0)
+
+
+def test_stopping_early_stops_the_worker_threads(cd8_field):
+    import threading
+
+    from tilscore.detect import iter_detect_cells
+
+    rgb, _, _ = cd8_field
+    gen = iter_detect_cells(rgb, mpp=0.5, detector="classical", tile_size_px=128, workers=2)
+    assert next(gen)[0] == 0
+    assert next(gen)[0] == 1
+    gen.close()  # e.g. the napari widget's cancel button
+    assert not [t for t in threading.enumerate() if t.name.startswith("tilscore-tile")]

@@ -18,7 +18,8 @@ slide), QuPath's convention: pixel (i, j) covers [i, i + 1) x [j, j + 1), so its
 from __future__ import annotations
 
 import math
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from ..markers import MarkerRule
     from ..qc import StainQC
-    from ..slide import Slide
+    from ..slide import Slide, Tile
     from ..stain import StainMatrix
     from ..tissue import TissueMask
 
@@ -46,6 +47,9 @@ CLASSICAL_MPP = 0.5
 #: Near-black grey pixels (brightest channel below this, 8-bit, little colour) are opaque, not
 #: stain: black ink, carbon pigment. Very dark brown DAB keeps its colour and is not affected.
 OPAQUE_MAX_INTENSITY = 16
+#: tiles processed at once in threads by default (capped at the CPU count; see
+#: ``benchmarks/run.py`` and docs/performance.md for the measurement behind it)
+DEFAULT_WORKERS = 2
 
 
 @dataclass(frozen=True)
@@ -239,6 +243,85 @@ def _stains_and_background(
     return stains, bg, tissue
 
 
+def _detect_tile(
+    tile: Tile,
+    det: _Detector,
+    rule: MarkerRule,
+    stains: StainMatrix,
+    bg: np.ndarray,
+    tile_size_px: int,
+    halo_px: int,
+) -> pd.DataFrame | None:
+    """Cells of one tile whose centre lies in its core (level-0 px), or None (no cells).
+
+    The tile's pixels are read once and serve the stain separation, the detector and the
+    measurements.
+    """
+    from ..cells import measure_cells
+    from ..stain import deconvolve
+
+    conc = deconvolve(tile.image, stains, bg)
+    # opaque pixels (black ink, carbon pigment, folds: dark and grey) are neither hematoxylin
+    # nor DAB; treated as unstained, they make no nucleus and no positivity
+    opaque = _opaque(tile.image)
+    if opaque.any():
+        conc[opaque] = 0.0
+    centres, labels = det(tile.image, conc, bg, rule)
+    if not len(centres):
+        return None
+    cells = measure_cells(centres, conc, det.mpp, rule, nuclei=labels)
+    # keep cells whose centre (continuous coordinates) lies in the tile's core
+    cx, cy = cells["x"].to_numpy() + 0.5, cells["y"].to_numpy() + 0.5
+    lo, hi = halo_px, halo_px + tile_size_px
+    core = (cx >= lo) & (cx < hi) & (cy >= lo) & (cy < hi)
+    cells = cells.loc[core].copy()
+    cells["x"] = tile.x + cx[core] * tile.downsample
+    cells["y"] = tile.y + cy[core] * tile.downsample
+    return cells
+
+
+def _n_workers(workers: int | None) -> int:
+    """Tiles processed at once: ``None`` -> :data:`DEFAULT_WORKERS` (at most the CPU count)."""
+    import os
+
+    if workers is None:
+        return max(1, min(DEFAULT_WORKERS, os.cpu_count() or 1))
+    n = int(workers)
+    if n < 1:
+        raise ConfigError(f"workers must be >= 1, got {workers!r}")
+    return n
+
+
+def _pipelined(
+    fn: Callable[[Any], Any], items: Iterator[Any], workers: int
+) -> Generator[Any, None, None]:
+    """``map(fn, items)`` in order, with up to ``workers`` calls running in threads.
+
+    The items are pulled (for tiles: read and decoded) in the calling thread while the workers
+    run, and at most ``workers + 1`` items are in flight, so memory stays bounded whatever the
+    slide size. OpenCV, NumPy, the JPEG decoder and torch release the GIL, so the stages of
+    neighbouring tiles overlap. Closing the generator cancels the work not yet started.
+    """
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tilscore-tile")
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            while len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def iter_detect_cells(
     source: np.ndarray | Slide | str,
     mpp: float | None = None,
@@ -254,6 +337,7 @@ def iter_detect_cells(
     model: str = "default",
     device: str | None = None,
     detector_params: dict[str, Any] | None = None,
+    workers: int | None = None,
     **overrides: Any,
 ) -> Generator[tuple[int, int], None, tuple[pd.DataFrame, DetectionSettings]]:
     """Detect cells tile by tile, yielding progress ``(tiles_done, tiles_total)``.
@@ -262,10 +346,9 @@ def iter_detect_cells(
     :func:`detect_cells` for the parameters. The CLI draws a progress bar from it and the napari
     widget can stop it between tiles.
     """
-    from ..cells import measure_cells, validate_cells
+    from ..cells import validate_cells
     from ..markers import classify_cells, get_marker
     from ..slide import Slide, open_slide
-    from ..stain import deconvolve
 
     rule = get_marker(marker, **overrides)
     tile_size_px, halo_px = int(tile_size_px), int(halo_px)
@@ -288,26 +371,18 @@ def iter_detect_cells(
         parts: list[pd.DataFrame] = []
         done = 0
         yield done, total
-        for tile in slide.iter_tiles(det.mpp, tile_size_px, halo_px, mask=area):
-            conc = deconvolve(tile.image, stains_used, bg)
-            # opaque pixels (black ink, carbon pigment, folds: dark and grey) are neither
-            # hematoxylin nor DAB; treated as unstained, they make no nucleus and no positivity
-            opaque = _opaque(tile.image)
-            if opaque.any():
-                conc[opaque] = 0.0
-            centres, labels = det(tile.image, conc, bg, rule)
-            if len(centres):
-                cells = measure_cells(centres, conc, det.mpp, rule, nuclei=labels)
-                # keep cells whose centre (continuous coordinates) lies in the tile's core
-                cx, cy = cells["x"].to_numpy() + 0.5, cells["y"].to_numpy() + 0.5
-                lo, hi = halo_px, halo_px + tile_size_px
-                core = (cx >= lo) & (cx < hi) & (cy >= lo) & (cy < hi)
-                cells = cells.loc[core].copy()
-                cells["x"] = tile.x + cx[core] * tile.downsample
-                cells["y"] = tile.y + cy[core] * tile.downsample
-                parts.append(cells)
-            done += 1
-            yield done, total
+
+        def process(tile) -> pd.DataFrame | None:
+            return _detect_tile(tile, det, rule, stains_used, bg, tile_size_px, halo_px)
+
+        tiles = slide.iter_tiles(det.mpp, tile_size_px, halo_px, mask=area)
+        # closing: a caller that stops early (napari's cancel) also stops the worker threads
+        with closing(_pipelined(process, tiles, _n_workers(workers))) as results:
+            for cells in results:
+                if cells is not None:
+                    parts.append(cells)
+                done += 1
+                yield done, total
         cells = pd.concat(parts, ignore_index=True) if parts else measure_cells_empty()
         w0, h0 = slide.dimensions
         inside = (cells["x"] >= 0) & (cells["x"] < w0) & (cells["y"] >= 0) & (cells["y"] < h0)
@@ -381,6 +456,9 @@ def detect_cells(
         nucleus radius plus the cell expansion; the result does not depend on the tile size.
     model, device, detector_params
         Keyword: CNN model name, torch device ("cpu", "cuda"), extra detector parameters.
+    workers
+        Keyword: tiles processed at once in threads (``None``: :data:`DEFAULT_WORKERS`, at most
+        the CPU count; 1: one tile at a time). The result does not depend on it.
     **overrides
         Marker-rule fields to override (e.g. ``threshold_od=0.25``, ``expansion_um=6``).
 
