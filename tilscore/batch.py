@@ -491,13 +491,17 @@ def _done_key(folder: Path) -> str | None:
 # one slide (runs on a worker)
 
 
-def _set_torch_threads(n: int | None) -> None:
+def _set_threads(n: int | None) -> None:
+    """Use ``n`` threads for torch and OpenCV in this (worker) process; None leaves them."""
     if not n:
         return
+    import cv2
     import torch
 
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+    if cv2.getNumThreads() != n:
+        cv2.setNumThreads(n)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -516,13 +520,15 @@ def score_one(
     out: str | os.PathLike,
     config: Any,
     key: str,
-    torch_threads: int | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Score one slide into ``out/<slide_id>/`` atomically; never raises for a bad slide.
 
     Returns a record: ``status`` "done" with ``seconds``, or "failed" with ``error_type``,
     ``message`` and, for errors that are not a :class:`~tilscore.errors.TilscoreError`, the
-    ``traceback``. This is the Dask task of :func:`run_batch`.
+    ``traceback``. This is the Dask task of :func:`run_batch`. ``threads``: torch and OpenCV
+    threads of the worker process (a local cluster passes its cores per running slide; None
+    leaves the process's settings, e.g. on a cluster whose workers set them).
     """
     from .score import score_slide
 
@@ -531,7 +537,7 @@ def score_one(
     tmp = out / f".tmp-{item.slide_id}-{secrets.token_hex(4)}"
     record: dict[str, Any] = {"slide_id": item.slide_id, "path": str(item.path)}
     try:
-        _set_torch_threads(torch_threads)
+        _set_threads(threads)
         result = score_slide(
             item.path,
             marker=item.marker,
@@ -645,6 +651,12 @@ class BatchReport:
         return not self.failed
 
 
+def _cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_cluster_size(cpus: int | None = None) -> tuple[int, int]:
     """(workers, threads per worker) of the default LocalCluster for ``cpus`` cores.
 
@@ -653,7 +665,7 @@ def default_cluster_size(cpus: int | None = None) -> tuple[int, int]:
     docs/scaling.md for the measurement.
     """
     if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cpus = _cpus()
     return max(1, int(cpus or 1)), 1
 
 
@@ -754,7 +766,12 @@ def _client(
     from distributed import Client, LocalCluster
 
     if scheduler is not None:
-        client = scheduler if isinstance(scheduler, Client) else Client(scheduler)
+        if isinstance(scheduler, Client):
+            client = scheduler
+        elif Path(str(scheduler)).is_file():  # a scheduler file (dask scheduler --scheduler-file)
+            client = Client(scheduler_file=str(scheduler))
+        else:
+            client = Client(scheduler)
         try:
             yield client
         finally:
@@ -858,7 +875,11 @@ def iter_batch(
                 yield from reported()
             else:
                 n_workers, n_threads = _cluster_size(workers, threads_per_worker, settings)
-                torch_threads = 1 if scheduler is None and processes else None
+                threads = (
+                    max(1, _cpus() // (n_workers * n_threads))
+                    if scheduler is None and processes
+                    else None
+                )
                 with (
                     _sigterm_as_interrupt(),
                     _client(
@@ -881,7 +902,7 @@ def iter_batch(
                             str(out),
                             cfg,
                             key,
-                            torch_threads,
+                            threads,
                             key=f"score-{item.slide_id}-{key[:12]}",
                             pure=False,
                         )
@@ -1090,8 +1111,9 @@ def run_batch(
     marker
         Marker of the slides whose marker neither a manifest nor the file name gives.
     scheduler
-        Address of an existing Dask scheduler ("tcp://host:8786") or a ``distributed.Client``;
-        None starts a LocalCluster.
+        An existing Dask cluster: its scheduler's address ("tcp://host:8786"), its scheduler
+        file (``dask scheduler --scheduler-file``) or a ``distributed.Client``; None starts a
+        LocalCluster. Its workers must see the slides and ``out`` at the same paths.
     workers, threads_per_worker
         LocalCluster size; default from the config, else :func:`default_cluster_size`.
     processes

@@ -156,7 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--marker", default=None, help="marker of slides whose manifest and file name name none"
     )
     p.add_argument(
-        "--scheduler", default=None, metavar="ADDRESS", help="existing Dask scheduler address"
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="existing Dask scheduler: tcp://host:port or a scheduler file",
     )
     p.add_argument("--workers", type=_positive_int, default=None, help="local worker processes")
     p.add_argument(
