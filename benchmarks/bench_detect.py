@@ -20,8 +20,19 @@ import statistics
 import sys
 import time
 
+import numpy as np
+
 from tilscore.detect import detect_cells
 from tilscore.synthetic import make_layout, render_region
+
+
+def make_field(size: int, marker: str = "CD8") -> np.ndarray:
+    """A (size, size, 3) uint8 synthetic field at 0.5 µm/px, all tissue (tumour bed)."""
+    layout = make_layout(
+        marker=marker, width_px=size, height_px=size, mpp=0.5, seed=777,
+        tissue_fraction=1.0, tumour_bed_fraction=1.0,
+    )  # fmt: skip
+    return render_region(layout, 0, 0, size, size, 0.5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,11 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
 
-    layout = make_layout(
-        marker=args.marker, width_px=args.size, height_px=args.size, mpp=0.5, seed=777,
-        tissue_fraction=1.0, tumour_bed_fraction=1.0,
-    )  # fmt: skip
-    rgb = render_region(layout, 0, 0, args.size, args.size, 0.5)
+    rgb = make_field(args.size, args.marker)
     mp = rgb.shape[0] * rgb.shape[1] / 1e6
     rows = {}
     for det in ("classical", "cnn"):
