@@ -107,7 +107,10 @@ def test_console_script_runs_as_a_module(slide_path):
     assert "nope.svs" in proc.stderr
 
 
+@pytest.mark.slow
 def test_demo_runs_on_the_bundled_example_slides(tmp_path):
+    import pandas as pd
+
     slides = find_example_slides()
     assert {p.name for p in slides} == {
         "synthetic_cd8.tif",
@@ -121,11 +124,18 @@ def test_demo_runs_on_the_bundled_example_slides(tmp_path):
         # about half of each example slide is tissue (4000 x 3000 px at 0.5 µm/px = 3 mm²)
         assert 1.2 < s["tissue_area_mm2"] < 1.8
         assert (tmp_path / s["slide"].split(".")[0] / "stain.json").exists()
-        assert (tmp_path / s["slide"].split(".")[0] / "cells.csv").exists()
-        # detection with the slide's marker, compared with the slide's own truth
+        folder = tmp_path / s["slide"].split(".")[0]
+        for name in ("summary.csv", "cells.parquet", "cells.geojson", "report.html", "run.json"):
+            assert (folder / name).exists(), name
+        # scored with the slide's marker and annotations, compared with the slide's own truth
         assert s["marker"] in ("CD8", "CD68", "CD56")
+        assert s["regions"].endswith(".regions.geojson")
         assert s["truth"]["f1_cells"] > 0.9
-        assert abs(s["pct_positive"] - s["truth"]["pct_positive"]) < 3
+        for comp in ("intratumoral", "stromal"):
+            got, truth = s["compartments"][comp], s["truth"][comp]
+            assert abs(got["pct_positive"] - truth["pct_positive"]) < 2
+    table = pd.read_csv(tmp_path / "summary.csv")
+    assert len(table) == 3 * 5
     assert json.loads((tmp_path / "demo_summary.json").read_text()) == summaries
 
 
@@ -194,3 +204,30 @@ def test_detect_bad_options_are_one_line(slide_path, tmp_path, capsys):
     assert "threshold_od" in capsys.readouterr().err
     assert main(["detect", str(slide_path), "-o", str(tmp_path / "c.xlsx")]) == 2
     assert ".geojson" in capsys.readouterr().err
+
+
+def test_score_command_writes_the_outputs_and_prints_the_table(tmp_path, capsys):
+    slide = REPO_EXAMPLES / "synthetic_cd56.tif"
+    regions = REPO_EXAMPLES / "synthetic_cd56.regions.geojson"
+    out = tmp_path / "scored"
+    code = main(
+        ["score", str(slide), "--marker", "CD56", "--regions", str(regions),
+         "--set", "threshold_od=0.2", "-o", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "intratumoral" in printed
+    assert "stromal" in printed
+    run = json.loads((out / "run.json").read_text())
+    assert run["detection"]["marker"]["threshold_od"] == 0.2
+    assert (out / "report.html").stat().st_size > 10_000
+
+
+def test_score_command_bad_regions_file_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.geojson"
+    bad.write_text("{oops")
+    slide = REPO_EXAMPLES / "synthetic_cd8.tif"
+    assert main(["score", str(slide), "--regions", str(bad), "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.geojson" in err
+    assert "not valid JSON" in err

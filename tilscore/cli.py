@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="TOML",
-        help="marker rules from a TOML file ([markers.CD8] threshold_od = 0.3 ...)",
+        help="configuration file ([markers.CD8] threshold_od = 0.3 ...; tilscore config --show)",
     )
     p.add_argument(
         "-o",
@@ -100,6 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="cells file: .csv, .parquet or .geojson",
     )
     p.set_defaults(func=_cmd_detect)
+
+    p = sub.add_parser(
+        "score",
+        help="score a slide: cells per compartment, densities, % positive, report",
+        description="Score one slide end to end: tissue and stain QC, cell detection, regions "
+        "(annotations, or automatic tumour/stroma segmentation), and per-compartment metrics. "
+        "Writes summary.csv, cells.parquet, cells.geojson, regions.geojson, overlay.png, "
+        "heatmap.png, run.json and report.html into the output folder.",
+    )
+    p.add_argument("slide", type=Path, help="slide or image file")
+    p.add_argument("--marker", default="CD8", help="marker preset (default CD8)")
+    p.add_argument(
+        "--regions",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="QuPath GeoJSON annotations or a mask image (default: automatic compartments)",
+    )
+    p.add_argument("--config", type=Path, default=None, metavar="TOML", help="configuration file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a marker-rule field, e.g. --set threshold_od=0.3 (repeatable)",
+    )
+    _add_mpp(p)
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
+    p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser(
         "evaluate",
@@ -333,18 +363,15 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from .detect import iter_detect_cells
     from .errors import ConfigError
     from .export import CELL_FORMATS, write_cells
-    from .markers import get_marker, load_marker_config
 
     if args.output.suffix.lower() not in CELL_FORMATS:
         raise ConfigError(
             f"cannot tell the output format from {args.output.name!r}",
             hint=f"Use one of the suffixes {', '.join(CELL_FORMATS)}",
         )
-    marker = args.marker
-    if args.config is not None:
-        rules = load_marker_config(args.config)
-        marker = rules.get(get_marker(marker).name, marker)
-    rule = get_marker(marker, **_parse_overrides(args.overrides))
+    from .config import load_config
+
+    rule = load_config(args.config).marker_rule(args.marker, **_parse_overrides(args.overrides))
     gen = iter_detect_cells(
         args.image, args.mpp, rule, args.detector, region=_parse_box(args.region)
     )
@@ -366,6 +393,70 @@ def _cmd_detect(args: argparse.Namespace) -> int:
         f"detector {settings.detector}; wrote {args.output}"
     )
     return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from rich.progress import Progress
+
+    from .config import load_config
+    from .score import iter_score_slide
+
+    config = load_config(args.config)
+    gen = iter_score_slide(
+        args.slide,
+        args.marker,
+        args.regions,
+        config,
+        mpp=args.mpp,
+        **_parse_overrides(args.overrides),
+    )
+    console = _console()
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("scoring", total=None)
+        while True:
+            try:
+                stage, done, total = next(gen)
+            except StopIteration as stop:
+                result = stop.value
+                break
+            bar.update(task, description=stage, completed=done, total=total)
+    files = result.save(args.output, config)
+    print_summary(result, console)
+    console.print(f"wrote {len(files)} files to {args.output}; open {files.get('report', '')}")
+    return 0
+
+
+def print_summary(result, console) -> None:
+    """The per-compartment table of a SlideResult on the console."""
+    from rich.table import Table
+
+    table = Table(title=f"{result.slide_id} — {result.marker}", title_justify="left")
+    cols = [
+        ("compartment", "compartment", ""),
+        ("area_mm2", "mm²", ".3f"),
+        ("n_cells", "cells", "d"),
+        ("n_positive", "positive", "d"),
+        ("density_per_mm2", "pos/mm²", ".1f"),
+        ("pct_positive", "% pos", ".1f"),
+        ("area_fraction_pct", "area %", ".2f"),
+        ("h_score", "H", ".1f"),
+    ]
+    for _, title, fmt in cols:
+        table.add_column(title, justify="right" if fmt else "left", no_wrap=True)
+    for row in result.summary.to_dict("records"):
+        cells = []
+        for key, _, fmt in cols:
+            v = row[key]
+            if fmt and isinstance(v, float) and v != v:
+                cells.append("–")
+            else:
+                cells.append(format(v, fmt) if fmt else str(v))
+        table.add_row(*cells)
+    console.print(table)
+    sources = dict(zip(result.summary["compartment"], result.summary["source"]))
+    console.print("regions: " + ", ".join(f"{k} {v}" for k, v in sources.items()))
+    for w in result.provenance.get("warnings", []):
+        console.print(f"[yellow]warning[/yellow]: {w}")
 
 
 def _read_table(path: Path):

@@ -554,12 +554,14 @@ def iter_score_slide(
     *,
     mpp: float | None = None,
     slide_id: str | None = None,
+    qc: Any = None,
     **overrides: Any,
 ) -> Generator[tuple[str, int, int], None, SlideResult]:
     """Score a slide step by step, yielding ``(stage, done, total)``; returns the SlideResult.
 
     Stages: "qc" (tissue and stains), "detect" (one step per tile), "regions", "score".
-    See :func:`score_slide` for the parameters.
+    See :func:`score_slide` for the parameters; ``qc`` is a :func:`tilscore.qc.slide_stain_qc`
+    result already computed for this slide (not computed again).
     """
     from . import __version__
     from .config import load_config
@@ -585,8 +587,13 @@ def iter_score_slide(
             warnings.simplefilter("always", TilscoreWarning)
             path = None if slide.vendor == "array" else str(slide.path)
             sid = slide_id or (Path(path).name.split(".")[0] if path else "image")
+            # regions first: a bad file fails before minutes of work
+            reg = None
+            if regions is not None:
+                reg = load_regions(regions, class_map=reg_cfg["class_map"], slide=slide)
             yield "qc", 0, 1
-            qc = slide_stain_qc(slide)
+            if qc is None:
+                qc = slide_stain_qc(slide)
             stains = RUIFROK_HDAB if cfg["stain"]["vectors"] == "ruifrok" else qc.stains
             background = (
                 (255.0, 255.0, 255.0) if cfg["stain"]["background"] == "white" else qc.background
@@ -599,9 +606,7 @@ def iter_score_slide(
                     stacklevel=2,
                 )
             yield "qc", 1, 1
-            reg = None
-            if regions is not None:
-                reg = load_regions(regions, class_map=reg_cfg["class_map"], slide=slide)
+            if reg is not None:
                 if not tissue_geom.is_empty and all(
                     not r.geometry.intersects(tissue_geom) for r in reg
                 ):
