@@ -606,15 +606,16 @@ def iter_score_slide(
                     stacklevel=2,
                 )
             yield "qc", 1, 1
-            if reg is not None:
-                if not tissue_geom.is_empty and all(
-                    not r.geometry.intersects(tissue_geom) for r in reg
-                ):
-                    warnings.warn(
-                        f"{reg.source}: the regions cover no tissue of {path or sid}",
-                        TilscoreWarning,
-                        stacklevel=2,
-                    )
+            if (
+                reg is not None
+                and not tissue_geom.is_empty
+                and all(not r.geometry.intersects(tissue_geom) for r in reg)
+            ):
+                warnings.warn(
+                    f"{reg.source}: the regions cover no tissue of {path or sid}",
+                    TilscoreWarning,
+                    stacklevel=2,
+                )
             scope = _scope(reg, reg_cfg["margin_width_um"], slide.mpp)
             device = None if det_cfg["device"] == "auto" else det_cfg["device"]
             gen = iter_detect_cells(
