@@ -97,6 +97,7 @@ class TilscoreWidget(QWidget):
         self.worker: Any = None
         self.last_status = ""  # what happened to the last run: "done", "cancelled", "error"
         self._progress: Any = None
+        self._pending: model.ScoringSession | None = None
         self._result_layers: dict[str, Any] = {}
         self._build()
         self.viewer.layers.events.inserted.connect(self._refresh_slides)
@@ -371,10 +372,11 @@ class TilscoreWidget(QWidget):
         if scope == "whole slide":
             return None
         if scope == "field of view":
+            camera = self.viewer.scene.camera
             box = model.view_box_px(
-                self.viewer.camera.center,
+                camera.center,
                 self.viewer.canvas.size,
-                self.viewer.camera.zoom,
+                camera.zoom,
                 meta["mpp"],
                 meta["dimensions"],
             )
@@ -430,7 +432,8 @@ class TilscoreWidget(QWidget):
         session = self.make_session()
         worker = create_worker(session.run, _start_thread=False)
         worker.yielded.connect(self._on_progress)
-        worker.returned.connect(functools.partial(self._on_result, session))
+        self._pending = session
+        worker.returned.connect(self._on_result)  # a bound QWidget method: runs in the GUI thread
         worker.errored.connect(self._on_error)
         worker.aborted.connect(self._on_aborted)
         worker.finished.connect(self._on_finished)
@@ -452,24 +455,29 @@ class TilscoreWidget(QWidget):
     def _on_progress(self, update: tuple[str, int, int]) -> None:
         from napari.utils import progress
 
+        if self.worker is None:  # a late update after the run ended
+            return
         stage, done, total = update
-        if self._progress is None:
-            self._progress = progress(total=max(int(total), 1), desc="tilscore")
-        pbr = self._progress
-        if pbr.total != max(int(total), 1):
-            pbr.total = max(int(total), 1)
-        pbr.set_description(f"tilscore: {stage}")
-        pbr.n = int(done)
-        pbr.refresh()
-        self.progress_bar.setRange(0, max(int(total), 1))
+        total = max(int(total), 1)
+        # the dock first: napari's progress bar processes pending events (even this run's end)
+        self.progress_bar.setRange(0, total)
         self.progress_bar.setValue(int(done))
         self.status_label.setText(f"{stage}: {done}/{total}")
+        pbr = self._progress
+        if pbr is None:
+            self._progress = progress(total=total, desc=f"tilscore: {stage}")
+            self._progress.n = int(done)
+            return
+        if pbr.total != total:
+            pbr.total = total
+        pbr.n = int(done)
+        pbr.set_description(f"tilscore: {stage}")
 
-    def _on_result(self, session: model.ScoringSession, result: Any) -> None:
+    def _on_result(self, result: Any) -> None:
         from napari.utils.notifications import show_warning
 
         try:
-            self.session = session
+            self.session, self._pending = self._pending, None
             self.last_status = "done"
             self.show_result()
             n = int(result.cells.shape[0])
@@ -481,6 +489,7 @@ class TilscoreWidget(QWidget):
             _show_exception(e)
 
     def _on_error(self, exc: BaseException) -> None:
+        self._pending = None
         self.last_status = "error"
         self.status_label.setText(f"failed: {exc}")
         _show_exception(exc)
@@ -488,6 +497,7 @@ class TilscoreWidget(QWidget):
     def _on_aborted(self) -> None:
         from napari.utils.notifications import show_warning
 
+        self._pending = None
         self.last_status = "cancelled"
         self.status_label.setText("cancelled; nothing was changed")
         show_warning("tilscore: scoring cancelled")
@@ -554,8 +564,9 @@ class TilscoreWidget(QWidget):
         self._result_layers["cells"] = self.viewer.add_points(
             coords,
             features=features,
-            face_color=face,
-            border_width=0,
+            face_color=model.translucent(face),
+            border_color=face,
+            border_width=0.2,  # a ring: the stained cell stays visible inside
             size=CELL_SIZE_UM / mpp,
             name=f"cells ({result.marker})",
             scale=scale,
@@ -605,6 +616,9 @@ class TilscoreWidget(QWidget):
                 if j:
                     item.setTextAlignment(_RIGHT)
                 self.table.setItem(i, j, item)
+        self.table.resizeColumnsToContents()
+        width = self.table.horizontalHeader().length() + 2 * self.table.frameWidth() + 4
+        self.table.setMinimumWidth(width)  # every column in view: the dock widens
 
     def table_values(self) -> list[list[str]]:
         """The table's text, row by row (what the dock shows)."""
@@ -630,7 +644,8 @@ class TilscoreWidget(QWidget):
         if layer is not None and layer in self.viewer.layers:
             _, features, face = model.cell_points(result.cells)
             layer.features = features
-            layer.face_color = face
+            layer.border_color = face
+            layer.face_color = model.translucent(face)
         self._update_heatmap(self._slide_meta())
         self._fill_table()
 

@@ -261,6 +261,13 @@ def cell_colours(positive: np.ndarray) -> np.ndarray:
     return out
 
 
+def translucent(colours: np.ndarray, alpha: float = 0.25) -> np.ndarray:
+    """The same RGBA colours with opacity ``alpha`` (cell faces over the stain)."""
+    out = np.array(colours, dtype=np.float32, copy=True)
+    out[:, 3] = alpha
+    return out
+
+
 def cell_points(cells: Any) -> tuple[np.ndarray, Any, np.ndarray]:
     """Points layer contents of a cells table.
 
@@ -271,7 +278,7 @@ def cell_points(cells: Any) -> tuple[np.ndarray, Any, np.ndarray]:
     features
         pandas.DataFrame of the per-cell measurements in :data:`FEATURE_COLUMNS` that exist.
     colours
-        (N, 4) RGBA face colours by ``positive``.
+        (N, 4) RGBA colours by ``positive`` (the widget draws them as rings).
     """
     coords = np.stack([cells["y"].to_numpy(float), cells["x"].to_numpy(float)], axis=1)
     cols = [c for c in FEATURE_COLUMNS if c in cells.columns]

@@ -49,8 +49,8 @@ def viewer_widget(make_napari_viewer, qtbot):
 
 
 def _zoom(viewer, centre_um, width_um: float) -> None:
-    viewer.camera.center = centre_um
-    viewer.camera.zoom = viewer.canvas.size[1] / width_um
+    viewer.scene.camera.center = centre_um
+    viewer.scene.camera.zoom = viewer.canvas.size[1] / width_um
 
 
 def _show(widget, result) -> None:
@@ -108,7 +108,7 @@ def test_widget_scores_the_field_of_view(viewer_widget, qtbot, monkeypatch):
     assert tuple(cells.scale) == pytest.approx((0.5, 0.5))
     for col in ("dab_od_membrane", "positive", "compartment", "cell_class"):
         assert col in cells.features.columns
-    assert _red_count(cells.face_color) == int(result.cells["positive"].sum()) > 0
+    assert _red_count(cells.border_color) == int(result.cells["positive"].sum()) > 0
     # compartments, heatmap and the table
     names = [ly.name for ly in viewer.layers]
     assert "compartments" in names
@@ -137,7 +137,7 @@ def test_threshold_slider_reclassifies_without_detecting(viewer_widget, cd8_resu
     np.testing.assert_array_equal(result.cells["positive"].to_numpy(bool), expected)
     assert expected.sum() < pos_before.sum()
     np.testing.assert_array_equal(cells.data, coords_before)  # same cells: no re-detection
-    assert _red_count(cells.face_color) == int(expected.sum())
+    assert _red_count(cells.border_color) == int(expected.sum())
     np.testing.assert_array_equal(cells.features["positive"].to_numpy(bool), expected)
     table_after = widget.table_values()
     assert table_after != table_before
@@ -147,7 +147,7 @@ def test_threshold_slider_reclassifies_without_detecting(viewer_widget, cd8_resu
     # and back
     widget.set_threshold(0.07)
     assert widget.table_values() == table_before
-    assert _red_count(cells.face_color) == int(pos_before.sum())
+    assert _red_count(cells.border_color) == int(pos_before.sum())
 
 
 @pytest.mark.slow
