@@ -113,6 +113,26 @@ def test_manifest_paths_markers_and_extra_columns(tmp_path: Path) -> None:
     assert s2.regions == tmp_path / "data" / "s2.geojson"
 
 
+def test_regions_file_beside_a_slide_is_used(tmp_path: Path) -> None:
+    _write(tmp_path / "a_CD8.tif")
+    _write(tmp_path / "a_CD8.regions.geojson", b"{}")
+    _write(tmp_path / "b_CD8.ome.tif")
+    _write(tmp_path / "b_CD8.geojson", b"{}")
+    _write(tmp_path / "c_CD8.tif")
+    items = {it.slide_id: it for it in plan_batch([tmp_path])}
+    assert items["a_CD8"].regions == tmp_path / "a_CD8.regions.geojson"
+    assert items["b_CD8"].regions == tmp_path / "b_CD8.geojson"
+    assert items["c_CD8"].regions is None  # automatic compartments
+    off = plan_batch([tmp_path], config={"batch": {"regions_beside": ""}})
+    assert all(it.regions is None for it in off)
+
+
+def test_unknown_marker_option_is_a_usage_error(tmp_path: Path) -> None:
+    _write(tmp_path / "a.tif")
+    with pytest.raises(ConfigError, match="unknown marker"):
+        plan_batch([tmp_path], marker="CD99")
+
+
 def test_manifest_without_path_column_is_a_usage_error(tmp_path: Path) -> None:
     manifest = _write(tmp_path / "m.csv", b"file,marker\na.svs,CD8\n")
     with pytest.raises(ConfigError, match="no 'path' column"):

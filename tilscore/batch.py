@@ -38,12 +38,13 @@ import socket
 import threading
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, TilscoreError
+from .errors import ConfigError, TilscoreError, TilscoreWarning
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -255,12 +256,12 @@ def discover_slides(
             elif items[prev].source != "argument" and ":" not in items[prev].source:
                 items[prev] = item  # a manifest row replaces a folder hit
             elif ":" in item.source and ":" in items[prev].source:
-                item.error = (
-                    "ConfigError",
-                    f"listed twice ({items[prev].source} and "
-                    f"{item.source}); scored once, as first listed",
+                warnings.warn(
+                    f"{item.path}: listed twice ({items[prev].source} and {item.source}); "
+                    "scored once, as first listed",
+                    TilscoreWarning,
+                    stacklevel=2,
                 )
-                log.warning("%s: %s", item.path, item.error[1])
     return items
 
 
@@ -391,6 +392,8 @@ def plan_batch(
     Items that cannot be scored carry ``error``; nothing is read beyond file names here.
     """
     cfg = _load_config(config)
+    if marker is not None:
+        marker = _canonical_marker(cfg, marker)  # a wrong --marker is a usage error
     items = discover_slides(inputs, exclude=exclude)
     assign_slide_ids(items)
     for item in items:
@@ -422,6 +425,12 @@ def batch_settings(config: Any) -> dict[str, Any]:
         re.compile(out["marker_pattern"])
     except re.error as e:
         raise ConfigError(f"[batch] marker_pattern is not a regular expression: {e}") from e
+    try:
+        out["regions_beside"].format(stem="slide")
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(
+            f"[batch] regions_beside: {out['regions_beside']!r} may hold only {{stem}} ({e})"
+        ) from e
     return out
 
 

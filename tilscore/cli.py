@@ -531,7 +531,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     console.print(
         f"{result.n_done} scored, {result.n_skipped} already done, {result.n_failed} failed "
         f"in {result.seconds:.0f} s; wrote {result.summary_path}"
-        + (f" and {result.errors_path}" if result.failed else "")
+        + (f" and {result.errors_path}" if result.failed else ""),
+        soft_wrap=True,
     )
     return 0 if result.ok else 1
 
