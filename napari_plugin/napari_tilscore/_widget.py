@@ -564,8 +564,9 @@ class TilscoreWidget(QWidget):
         self._result_layers["cells"] = self.viewer.add_points(
             coords,
             features=features,
-            face_color=model.translucent(face),
-            border_color=face,
+            # napari cannot take an empty colour array: one colour when there is no cell
+            face_color=model.translucent(face) if len(face) else "#00000000",
+            border_color=face if len(face) else model.hex_colour(model.NEGATIVE_RGBA),
             border_width=0.2,  # a ring: the stained cell stays visible inside
             size=CELL_SIZE_UM / mpp,
             name=f"cells ({result.marker})",
@@ -644,8 +645,9 @@ class TilscoreWidget(QWidget):
         if layer is not None and layer in self.viewer.layers:
             _, features, face = model.cell_points(result.cells)
             layer.features = features
-            layer.border_color = face
-            layer.face_color = model.translucent(face)
+            if len(face):
+                layer.border_color = face
+                layer.face_color = model.translucent(face)
         self._update_heatmap(self._slide_meta())
         self._fill_table()
 

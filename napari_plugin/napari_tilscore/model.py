@@ -261,6 +261,11 @@ def cell_colours(positive: np.ndarray) -> np.ndarray:
     return out
 
 
+def hex_colour(rgba: Sequence[float]) -> str:
+    """``#rrggbbaa`` of an RGBA colour with 0-1 components."""
+    return "#" + "".join(f"{round(float(c) * 255):02x}" for c in rgba)
+
+
 def translucent(colours: np.ndarray, alpha: float = 0.25) -> np.ndarray:
     """The same RGBA colours with opacity ``alpha`` (cell faces over the stain)."""
     out = np.array(colours, dtype=np.float32, copy=True)

@@ -272,3 +272,29 @@ def test_screenshot_shows_the_slide_and_both_cell_colours(viewer_widget, cd8_res
     assert near(NEGATIVE_RGBA) > 30  # negative cells drawn
     # the slide itself: pale stained tissue (not only markers on black)
     assert int((shot.min(axis=-1) > 150).sum()) > shot.shape[0] * shot.shape[1] // 10
+
+
+@pytest.mark.slow
+def test_slide_without_tissue_scores_zero_with_a_warning(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
+    import tifffile
+    from napari_tilscore._widget import TilscoreWidget
+
+    path = tmp_path / "glass.tif"
+    glass = np.full((600, 800, 3), 245, np.uint8)
+    tifffile.imwrite(
+        path, glass, resolution=(2e4, 2e4), resolutionunit="CENTIMETER", photometric="rgb"
+    )
+    seen = _notifications(monkeypatch)
+    viewer = make_napari_viewer()
+    widget = TilscoreWidget(viewer)
+    assert widget.open_slide(path) is not None
+    widget.scope_combo.setCurrentText("whole slide")
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.last_status == "done", seen
+    assert any("no tissue" in w for w in seen["warning"])
+    assert seen["error"] == []
+    assert len(_cells_layer(viewer).data) == 0
+    assert all(row[1] == "0" for row in widget.table_values())
