@@ -1,0 +1,110 @@
+"""The widget's Qt-free model: view box, scope as roi, heatmap, table (no napari needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+model = pytest.importorskip(
+    "napari_tilscore.model", reason="the plugin is not installed (pip install -e napari_plugin)"
+)
+
+
+def test_view_box_is_the_visible_part_of_the_slide_in_level0_px():
+    # 800 x 600 screen px at 2 screen px per µm: 400 x 300 µm around (y=500, x=1000) µm
+    box = model.view_box_px((500.0, 1000.0), (600, 800), 2.0, 0.5, (4000, 3000))
+    assert box == (1600, 700, 800, 600)
+    # clipped at the slide's edges
+    assert model.view_box_px((0.0, 0.0), (600, 800), 2.0, 0.5, (4000, 3000)) == (0, 0, 400, 300)
+    from tilscore.errors import RegionError
+
+    with pytest.raises(RegionError, match="field of view"):
+        model.view_box_px((-5000.0, -5000.0), (600, 800), 2.0, 0.5, (4000, 3000))
+
+
+def test_scope_becomes_the_runs_roi():
+    import shapely
+
+    from tilscore.errors import RegionError
+    from tilscore.regions import Region, RegionSet
+
+    tumour = Region("tumour", shapely.box(0, 0, 100, 100), "Tumor")
+    roi = Region("roi", shapely.box(50, 50, 300, 300), "Region*")
+    drawn = RegionSet([tumour, roi], "napari")
+    scope = model.box_polygon((0, 0, 200, 200))
+    out = model.regions_for_run(drawn, scope)
+    assert out.geometry("roi").equals(shapely.box(50, 50, 200, 200))  # drawn roi within scope
+    assert out.geometry("tumour").equals(tumour.geometry)
+    only_scope = model.regions_for_run(None, scope)
+    assert only_scope.classes == ["roi"]
+    assert only_scope.geometry("roi").area == 200 * 200
+    # automatic compartments: drawn tumour dropped, roi kept
+    auto = model.regions_for_run(drawn, None, automatic=True)
+    assert auto.classes == ["roi"]
+    assert model.regions_for_run(None, None) is None
+    with pytest.raises(RegionError, match="does not overlap"):
+        model.regions_for_run(drawn, model.box_polygon((1000, 1000, 10, 10)))
+
+
+def test_selected_shapes_union_skips_lines():
+    square = np.array([[0.0, 0.0], [0.0, 10.0], [10.0, 10.0], [10.0, 0.0]])  # (y, x)
+    other = square + np.array([0.0, 20.0])
+    line = np.array([[0.0, 0.0], [50.0, 50.0]])
+    geom = model.shapes_to_geometry([square, other, line], ["rectangle", "polygon", "line"])
+    assert geom.area == pytest.approx(200.0)
+    assert geom.bounds == (0.0, 0.0, 30.0, 10.0)  # x, y order
+    assert model.shapes_to_geometry([line], ["line"]) is None
+
+
+def test_density_heatmap_counts_positive_cells_per_mm2():
+    cells = pd.DataFrame(
+        {
+            "x": [10.0, 20.0, 150.0, 390.0, 390.0],
+            "y": [10.0, 15.0, 10.0, 290.0, 295.0],
+            "positive": [True, True, False, True, True],
+        }
+    )
+    # 400 x 300 px at 0.5 µm/px, 50 µm bins = 100 px: a 3 x 4 grid of 0.0025 mm² squares
+    image, scale, translate = model.density_heatmap(cells, (400, 300), 0.5, 50.0)
+    assert image.shape == (3, 4)
+    assert scale == (50.0, 50.0)
+    assert translate == (25.0, 25.0)
+    assert image[0, 0] == pytest.approx(2 / 0.0025)
+    assert image[2, 3] == pytest.approx(2 / 0.0025)
+    assert image[0, 1] == 0  # the negative cell is not counted
+    assert image.sum() * 0.0025 == pytest.approx(4)
+
+
+def test_table_rows_and_cell_points():
+    summary = pd.DataFrame(
+        {
+            "compartment": ["intratumoral", "stromal"],
+            "n_cells": [10, 0],
+            "n_positive": [3, 0],
+            "density_per_mm2": [12.345, 0.0],
+            "pct_positive": [30.0, float("nan")],
+            "area_mm2": [0.5, 0.25],
+            "area_fraction_pct": [1.25, 0.0],
+        }
+    )
+    assert model.table_rows(summary) == [
+        ["intratumoral", "10", "3", "12.3", "30.0", "0.500", "1.2"],
+        ["stromal", "0", "0", "0.0", "–", "0.250", "0.0"],
+    ]
+    cells = pd.DataFrame(
+        {"x": [1.0, 2.0], "y": [5.0, 6.0], "positive": [True, False], "dab_od_membrane": [0.3, 0]}
+    )
+    coords, features, colours = model.cell_points(cells)
+    np.testing.assert_array_equal(coords, [[5.0, 1.0], [6.0, 2.0]])  # (y, x)
+    assert list(features.columns) == ["x", "y", "positive", "dab_od_membrane"]
+    np.testing.assert_allclose(colours, [model.POSITIVE_RGBA, model.NEGATIVE_RGBA])
+    assert model.hex_colour((1.0, 0.0, 0.0, 1.0)) == "#ff0000ff"
+
+
+def test_marker_choices_show_the_preset_thresholds():
+    choices = model.marker_choices()
+    assert choices["CD8: membrane DAB ≥ 0.07 OD"] == "CD8"
+    assert choices["CD68: cytoplasm DAB ≥ 0.12 OD"] == "CD68"
+    assert model.preset_threshold("CD68") == pytest.approx(0.12)
+    assert model.preset_threshold("CD8", {"markers": {"CD8": {"threshold_od": 0.2}}}) == 0.2
