@@ -791,7 +791,7 @@ def build_compartments(
 ) -> Compartments:
     """Compartments from annotations, the automatic regions and the tissue.
 
-    - scored area: the ``roi`` regions within tissue (all tissue when there is no roi);
+    - scored area: the ``roi`` regions as drawn, else ``tissue``;
     - tumour bed: ``tumour_bed`` regions; else tumour + stroma regions when stroma is
       annotated; else the automatic bed;
     - intratumoral: ``tumour`` regions (else automatic nests) within the bed;
@@ -816,9 +816,9 @@ def build_compartments(
     def has(c: str) -> bool:
         return regions.has(c)
 
-    area = regions.geometry("roi") if has("roi") else None
-    if tissue is not None and not tissue.is_empty:
-        area = tissue if area is None else _polygonal(shapely.intersection(area, tissue))
+    # an annotated roi is the scored area as drawn (QuPath's convention: an annotation's area is
+    # its polygon's); otherwise the tissue mask is
+    area = regions.geometry("roi") if has("roi") else tissue
     area_src = "annotation" if has("roi") else "tissue mask"
     excluded = regions.geometry("exclude")
     if has("tumour_bed"):

@@ -661,7 +661,9 @@ def iter_score_slide(
                     bed_margin_um=reg_cfg["auto_bed_margin_um"],
                 )
             tissue_scope = tissue_geom if not tissue_geom.is_empty else None
-            if scope is not None and tissue_scope is not None:
+            if reg is not None and reg.has("roi"):
+                tissue_scope = scope  # the roi as drawn
+            elif scope is not None and tissue_scope is not None:
                 import shapely
 
                 tissue_scope = shapely.intersection(tissue_scope, scope)
