@@ -298,3 +298,18 @@ def test_slide_without_tissue_scores_zero_with_a_warning(
     assert seen["error"] == []
     assert len(_cells_layer(viewer).data) == 0
     assert all(row[1] == "0" for row in widget.table_values())
+
+
+def test_selected_shapes_scope_is_in_level0_px(viewer_widget):
+    viewer, widget = viewer_widget
+    layers = widget.add_region_layers(("tumour",))
+    rect = np.array([[100.0, 200.0], [100.0, 600.0], [400.0, 600.0], [400.0, 200.0]])  # (y, x)
+    layers["tumour"].add(rect, shape_type="rectangle")
+    layers["tumour"].selected_data = {0}
+    # a Shapes layer the user made in world µm (scale 1) counts too, converted to level-0 px
+    world = viewer.add_shapes(np.array([[0.0, 0.0], [0.0, 50.0], [25.0, 50.0], [25.0, 0.0]]))
+    world.selected_data = {0}
+    widget.scope_combo.setCurrentText("selected shapes")
+    geom = widget.scope_geometry()
+    assert geom.area == pytest.approx(400 * 300 + 100 * 50)
+    assert geom.bounds == (0.0, 0.0, 600.0, 400.0)
