@@ -163,3 +163,27 @@ def test_stopping_early_stops_the_worker_threads(cd8_field):
     assert next(gen)[0] == 1
     gen.close()  # e.g. the napari widget's cancel button
     assert not [t for t in threading.enumerate() if t.name.startswith("tilscore-tile")]
+
+
+def test_glass_around_tissue_is_not_processed_and_changes_no_cell(tmp_path, monkeypatch):
+    """Tiles are cut to their tissue (plus the halo): the same cells, fewer pixels processed."""
+    import tilscore.detect as detect
+    import tilscore.qc
+    from tilscore import open_slide
+
+    path = tmp_path / "s.tif"
+    make_synthetic_slide(
+        path, marker="CD8", width_px=2400, height_px=1800, mpp=0.5, seed=8, tissue_fraction=0.35
+    )
+    with open_slide(path) as slide:
+        qc = tilscore.qc.slide_stain_qc(slide)
+        tiles = list(slide.iter_tiles(0.5, 512, 48, mask=qc.tissue))
+        boxes = [detect._tissue_box(t, qc.tissue, 48) for t in tiles]
+        assert any(b is not None for b in boxes)  # some tiles are mostly glass here
+        cut = detect_cells(slide, detector="cnn", qc=qc, tile_size_px=512)
+        monkeypatch.setattr(detect, "_CROP_MIN_SAVING", 0.0)  # never cut
+        whole = detect_cells(slide, detector="cnn", qc=qc, tile_size_px=512)
+    assert len(whole) > 100
+    m = evaluate_cells(cut[["x", "y", "positive"]], whole[["x", "y", "positive"]], 1.0)
+    assert m["f1"] == 1.0
+    assert m["pos_fp"] == m["pos_fn"] == 0

@@ -50,6 +50,8 @@ OPAQUE_MAX_INTENSITY = 16
 #: tiles processed at once in threads by default (capped at the CPU count; see
 #: ``benchmarks/run.py`` and docs/performance.md for the measurement behind it)
 DEFAULT_WORKERS = 2
+#: a tile is cut to its tissue only where that leaves less than this share of its pixels
+_CROP_MIN_SAVING = 0.9
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,33 @@ def _stains_and_background(
     return stains, bg, tissue
 
 
+def _tissue_box(tile: Tile, tissue: TissueMask, margin_px: float) -> tuple[slice, slice] | None:
+    """The part of a tile's image near tissue: ``(row slice, column slice)``, or None (all).
+
+    The bounding box of the tissue-mask pixels under the tile, grown by ``margin_px`` (tile px)
+    plus one mask pixel (the mask is coarse); None where that box is most of the tile anyway.
+    """
+    h, w = tile.image.shape[:2]
+    ds, mds, m = tile.downsample, tissue.downsample, tissue.mask
+    c0, r0 = max(0, math.floor(tile.x / mds)), max(0, math.floor(tile.y / mds))
+    c1 = min(m.shape[1], math.ceil((tile.x + w * ds) / mds))
+    r1 = min(m.shape[0], math.ceil((tile.y + h * ds) / mds))
+    if c1 <= c0 or r1 <= r0:
+        return None
+    sub = m[r0:r1, c0:c1]
+    rows, cols = np.flatnonzero(sub.any(axis=1)), np.flatnonzero(sub.any(axis=0))
+    if not rows.size:
+        return None
+    pad = margin_px + mds / ds
+    x0 = max(0, math.floor(((c0 + cols[0]) * mds - tile.x) / ds - pad))
+    x1 = min(w, math.ceil(((c0 + cols[-1] + 1) * mds - tile.x) / ds + pad))
+    y0 = max(0, math.floor(((r0 + rows[0]) * mds - tile.y) / ds - pad))
+    y1 = min(h, math.ceil(((r0 + rows[-1] + 1) * mds - tile.y) / ds + pad))
+    if (x1 - x0) * (y1 - y0) >= _CROP_MIN_SAVING * w * h:
+        return None
+    return slice(y0, y1), slice(x0, x1)
+
+
 def _detect_tile(
     tile: Tile,
     det: _Detector,
@@ -251,27 +280,34 @@ def _detect_tile(
     bg: np.ndarray,
     tile_size_px: int,
     halo_px: int,
+    tissue: TissueMask | None = None,
 ) -> pd.DataFrame | None:
     """Cells of one tile whose centre lies in its core (level-0 px), or None (no cells).
 
     The tile's pixels are read once and serve the stain separation, the detector and the
-    measurements.
+    measurements. With a tissue mask, only the part of the tile within ``halo_px`` (plus one
+    mask pixel) of tissue is processed: the rest is glass, where no cell is counted anyway.
     """
     from ..cells import measure_cells
     from ..stain import deconvolve
 
-    conc = deconvolve(tile.image, stains, bg)
+    image, ox, oy = tile.image, 0, 0
+    box = None if tissue is None else _tissue_box(tile, tissue, halo_px)
+    if box is not None:
+        image = np.ascontiguousarray(tile.image[box])
+        oy, ox = box[0].start, box[1].start
+    conc = deconvolve(image, stains, bg)
     # opaque pixels (black ink, carbon pigment, folds: dark and grey) are neither hematoxylin
     # nor DAB; treated as unstained, they make no nucleus and no positivity
-    opaque = _opaque(tile.image)
+    opaque = _opaque(image)
     if opaque.any():
         conc[opaque] = 0.0
-    centres, labels = det(tile.image, conc, bg, rule)
+    centres, labels = det(image, conc, bg, rule)
     if not len(centres):
         return None
     cells = measure_cells(centres, conc, det.mpp, rule, nuclei=labels)
     # keep cells whose centre (continuous coordinates) lies in the tile's core
-    cx, cy = cells["x"].to_numpy() + 0.5, cells["y"].to_numpy() + 0.5
+    cx, cy = cells["x"].to_numpy() + 0.5 + ox, cells["y"].to_numpy() + 0.5 + oy
     lo, hi = halo_px, halo_px + tile_size_px
     core = (cx >= lo) & (cx < hi) & (cy >= lo) & (cy < hi)
     cells = cells.loc[core].copy()
@@ -373,7 +409,7 @@ def iter_detect_cells(
         yield done, total
 
         def process(tile) -> pd.DataFrame | None:
-            return _detect_tile(tile, det, rule, stains_used, bg, tile_size_px, halo_px)
+            return _detect_tile(tile, det, rule, stains_used, bg, tile_size_px, halo_px, tissue)
 
         tiles = slide.iter_tiles(det.mpp, tile_size_px, halo_px, mask=area)
         # closing: a caller that stops early (napari's cancel) also stops the worker threads
