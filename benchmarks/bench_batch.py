@@ -2,13 +2,15 @@
 
 Run standalone::
 
-    python benchmarks/bench_batch.py [--copies 2] [--shapes 1x1 1x2 2x1] [--detector cnn]
+    python benchmarks/bench_batch.py [--copies 2] [--shapes 1x1 1x2 2x1] [--repeats 1]
+                                     [--detector cnn]
 
 Scores ``copies`` copies of the three example slides (6 slides by default) with
-:func:`tilscore.batch.run_batch` once per cluster shape, each into a fresh output folder, and
-prints the wall time of each run (cluster start-up included), slides per minute and the ratio to
-the first shape. On this project's 2-core machine this chose the default of
-:func:`tilscore.batch.default_cluster_size`; docs/scaling.md records the figures.
+:func:`tilscore.batch.run_batch` once per cluster shape, each into a fresh output folder, the
+shapes taken in turn ``repeats`` times (so that a change in the machine's load hits them all),
+and prints each run's wall time (cluster start-up included), then per shape the median, slides
+per minute and the ratio to the first shape. On this project's 2-core machine this chose the
+default of :func:`tilscore.batch.default_cluster_size`; docs/scaling.md records the figures.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -55,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=2)
     parser.add_argument("--shapes", nargs="+", default=["1x1", "1x2", "2x1"])
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--detector", default="cnn", choices=["cnn", "classical"])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -67,22 +71,25 @@ def main() -> None:
         "machine": platform.machine(),
         "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "detector": args.detector,
-        "shapes": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         n = make_folder(folder, args.copies)
         results["slides"] = n
-        first = None
-        for shape in args.shapes:
-            seconds = run_shape(folder, shape, config)
-            first = first or seconds
-            results["shapes"][shape] = seconds
-            print(
-                f"{shape:>5}: {seconds:6.1f} s for {n} slides, {60 * n / seconds:5.1f} slides/min, "
-                f"{first / seconds:4.2f}x {args.shapes[0]}",
-                flush=True,
-            )
+        times: dict[str, list[float]] = {shape: [] for shape in args.shapes}
+        for r in range(args.repeats):
+            for shape in args.shapes:
+                seconds = run_shape(folder, shape, config)
+                times[shape].append(seconds)
+                print(f"round {r + 1}: {shape:>5} {seconds:6.1f} s", flush=True)
+    first = statistics.median(times[args.shapes[0]])
+    for shape, ts in times.items():
+        med = statistics.median(ts)
+        print(
+            f"{shape:>5}: median {med:6.1f} s for {n} slides, {60 * n / med:5.1f} slides/min, "
+            f"{first / med:4.2f}x {args.shapes[0]}"
+        )
+    results["seconds"] = times
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -757,11 +757,29 @@ def _clean_leftovers(out: Path) -> list[Path]:
 
 
 def _dashboard(client: Any) -> str | None:
+    """The dashboard's address, or None when the scheduler serves none (bokeh not installed)."""
     try:
-        import bokeh  # noqa: F401  (the dashboard is served only when bokeh is installed)
-    except ImportError:
+        services = client.scheduler_info().get("services", {})
+    except (OSError, TimeoutError):
         return None
-    return client.dashboard_link
+    return client.dashboard_link if "dashboard" in services else None
+
+
+@contextlib.contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (inherited through exec).
+
+    Ctrl-C in a terminal reaches the whole process group; this process then stops the cluster
+    in order, instead of every worker dying with a traceback of its own.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -787,14 +805,15 @@ def _client(
             if client is not scheduler:
                 client.close()
         return
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=threads,
-        processes=processes,
-        memory_limit=memory_limit,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-    )
+    with _workers_ignore_sigint():
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=threads,
+            processes=processes,
+            memory_limit=memory_limit,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
     try:
         with Client(cluster) as client:
             yield client
@@ -991,7 +1010,7 @@ def _start_message(client: Any, scheduler: Any, n_run: int, n_skipped: int) -> s
     info = client.scheduler_info()
     ws = info.get("workers", {})
     threads = sum(w.get("nthreads", 0) for w in ws.values())
-    where = f"scheduler {scheduler}" if scheduler is not None else "a local cluster"
+    where = f"the scheduler {scheduler}" if scheduler is not None else "a local cluster"
     skipped = f", {n_skipped} already done" if n_skipped else ""
     return f"scoring {n_run} slides on {where} ({len(ws)} workers, {threads} threads){skipped}"
 
