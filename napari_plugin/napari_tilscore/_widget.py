@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -187,6 +187,11 @@ class TilscoreWidget(QWidget):
         self.threshold_slider.setDecimals(3)
         self.threshold_slider.setEnabled(False)
         self.threshold_slider.valueChanged.connect(self._threshold_moved)
+        # re-classify once the slider rests for a moment, not at every pixel of a drag
+        self._threshold_timer = QTimer(self)
+        self._threshold_timer.setSingleShot(True)
+        self._threshold_timer.setInterval(60)
+        self._threshold_timer.timeout.connect(self._apply_slider_threshold)
         row.addWidget(self.threshold_slider)
         lay.addLayout(row)
         self.table = QTableWidget(0, len(model.TABLE_COLUMNS))
@@ -535,7 +540,8 @@ class TilscoreWidget(QWidget):
         geometries["excluded"] = result.compartments.excluded
         for name, geom in geometries.items():
             for poly in model.geometry_to_shapes(geom):
-                shapes.append(poly)
+                # closed paths: outlines only, no face to triangulate (much faster to add)
+                shapes.append(np.vstack([poly, poly[:1]]))
                 colours.append(model.COMPARTMENT_COLOURS.get(name, "#ffffff"))
                 names.append(name)
         comp = self._result_layers.get("compartments")
@@ -544,7 +550,7 @@ class TilscoreWidget(QWidget):
         if shapes:
             layer = self.viewer.add_shapes(
                 shapes,
-                shape_type="polygon",
+                shape_type="path",
                 edge_color=colours,
                 face_color="transparent",
                 edge_width=max(2.0, 3.0 / mpp),
@@ -629,7 +635,10 @@ class TilscoreWidget(QWidget):
         ]
 
     def _threshold_moved(self, value: float) -> None:
-        self.set_threshold(value)
+        self._threshold_timer.start()
+
+    def _apply_slider_threshold(self) -> None:
+        self.set_threshold(self.threshold_slider.value())
 
     @_notify_errors
     def set_threshold(self, threshold_od: float) -> None:

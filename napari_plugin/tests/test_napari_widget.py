@@ -121,7 +121,7 @@ def test_widget_scores_the_field_of_view(viewer_widget, qtbot, monkeypatch):
     assert widget.export_btn.isEnabled()
 
 
-def test_threshold_slider_reclassifies_without_detecting(viewer_widget, cd8_result):
+def test_threshold_slider_reclassifies_without_detecting(viewer_widget, cd8_result, qtbot):
     viewer, widget = viewer_widget
     _show(widget, cd8_result)
     cells = _cells_layer(viewer)
@@ -130,7 +130,8 @@ def test_threshold_slider_reclassifies_without_detecting(viewer_widget, cd8_resu
     od = cd8_result.cells["dab_od_membrane"].to_numpy(float)
     table_before = widget.table_values()
 
-    widget.threshold_slider.setValue(0.2)  # as a user drags it
+    widget.threshold_slider.setValue(0.2)  # as a user drags it; applied when it rests
+    qtbot.waitUntil(lambda: abs(widget.session.threshold() - 0.2) < 1e-9, timeout=5000)
 
     result = widget.session.result
     expected = pos_before & (od >= 0.2)  # same rule, higher threshold
