@@ -108,7 +108,7 @@ def _table(**cols):
 
 
 def test_classify_cells_uses_class_threshold_area_and_bins():
-    rule = get_marker("CD8")
+    rule = get_marker("CD8", cell_classes=("immune",))
     _, b2, b3 = rule.bins_od
     cells = _table(
         dab_od_membrane=[0.0, rule.threshold_od, (b2 + b3) / 2, 2.0, 2.0, 2.0],

@@ -22,7 +22,17 @@ classes):
   0.57 (CD56 ring), 0.66 (CD68 cytoplasm, 0.41-0.79); so the amplitude bins 0.2 / 0.4 / 0.6
   map to about **0.13 / 0.26 / 0.39** measured OD, used for every ring and cytoplasm marker;
 - CD8 ring: marker-negative lymphocytes 98th percentile 0.035, weakest (1+) positives 2nd
-  percentile 0.105: threshold **0.07** (also CD3, CD4, CD20, CD56, which share the geometry);
+  percentile 0.105: threshold 0.07 with true centres and classes (CD56 keeps it). With the
+  CNN's own nuclei and classes two things change. Strongly stained T cells are solid brown: the
+  DAB hides the nucleus and the CNN calls it "other" or "tumour", not "immune" (half the
+  positives of the synthetic CD8 slides are drawn so). And tumour or stromal cells touching a
+  T cell pick up some of its ring. So the T- and B-cell presets (CD8, CD3, CD4, CD20) accept
+  every nucleus class within the lymphocyte nucleus size (at most 110 µm², which keeps most
+  tumour nuclei out) and use a ring threshold of **0.15**: on the CD8 example slide (CNN)
+  positive F1 0.941 -> 0.984 (recall 0.938 -> 0.994), on the synthetic test field (seed 9101,
+  2048 px) 0.962 -> 0.959, % positive within 0.5 points on both. Chosen on synthetic data; on
+  the real LYON19 CD3/CD8 patches, measured afterwards for validation only, positive F1 rose
+  from 0.19 to 0.48;
 - CD68 cytoplasm: negative lymphocytes and fibroblasts (which pick up a neighbouring
   macrophage's DAB) 98th percentile 0.064-0.083, 1+ macrophages 2nd percentile 0.091, with
   true nucleus centres. With detected nuclei the cells next to a macrophage take more of its
@@ -218,6 +228,7 @@ class MarkerRule:
 
 _RING_BINS = (0.13, 0.26, 0.39)  # measured OD of rendered 0.2 / 0.4 / 0.6 (see above)
 _RING_THRESHOLD = 0.07
+_LYMPHOCYTE_RING_THRESHOLD = 0.15  # with detected nuclei of any class (see the module notes)
 _LYMPHOCYTE_MAX_AREA = 110.0  # µm², a 12 µm round nucleus; tumour nuclei are 80-300 µm²
 
 MARKERS: dict[str, MarkerRule] = {
@@ -226,11 +237,13 @@ MARKERS: dict[str, MarkerRule] = {
         measure="membrane",
         expansion_um=3.0,
         membrane_width_um=1.5,
-        threshold_od=_RING_THRESHOLD,
+        threshold_od=_LYMPHOCYTE_RING_THRESHOLD,
         bins_od=_RING_BINS,
-        cell_classes=("immune",),
+        # solid brown T cells hide their nucleus and are classed "other"/"tumour" by the CNN;
+        # the lymphocyte size limit keeps tumour nuclei out (see the module notes)
+        cell_classes=("immune", "tumour", "other"),
         max_nucleus_area_um2=_LYMPHOCYTE_MAX_AREA,
-        description="cytotoxic T cells: DAB ring around a small round nucleus",
+        description="cytotoxic T cells: DAB ring around (or DAB filling) a lymphocyte-size cell",
     ),
     "CD56": MarkerRule(
         name="CD56",
@@ -291,7 +304,7 @@ for _name, _cells in (("CD3", "T cells"), ("CD4", "helper T cells"), ("CD20", "B
     MARKERS[_name] = replace(
         MARKERS["CD8"],
         name=_name,
-        description=f"{_cells}: membranous DAB around a lymphocyte nucleus (as CD8)",
+        description=f"{_cells}: membranous DAB around a lymphocyte-size nucleus (as CD8)",
     )
 
 
