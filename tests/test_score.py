@@ -245,3 +245,13 @@ def test_real_ki67_field_scored_inside_its_roi_mask(shared_data):
     pairs = match_points(inside[["x", "y"]].to_numpy(), marks[["x", "y"]].to_numpy() + 0.5, 8.0)
     assert len(pairs) / len(marks) > 0.5
     assert row["n_cells"] >= len(pairs)
+
+
+def test_regions_on_glass_warn_and_count_nothing():
+    glass = {"roi": shapely.box(0, 2800, 150, 2990)}  # a corner of the CD8 example: no tissue
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TilscoreWarning)
+        res = tilscore.score_slide(EXAMPLES / "synthetic_cd8.tif", "CD8", regions=glass)
+    assert any("cover no tissue" in str(w.message) for w in caught)
+    assert res.row("tissue")["n_cells"] == 0
+    assert res.row("intratumoral")["area_mm2"] == 0
