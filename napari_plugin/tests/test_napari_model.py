@@ -103,8 +103,11 @@ def test_table_rows_and_cell_points():
 
 
 def test_marker_choices_show_the_preset_thresholds():
+    from tilscore.markers import MARKERS
+
     choices = model.marker_choices()
-    assert choices["CD8: membrane DAB ≥ 0.07 OD"] == "CD8"
-    assert choices["CD68: cytoplasm DAB ≥ 0.12 OD"] == "CD68"
-    assert model.preset_threshold("CD68") == pytest.approx(0.12)
+    for name in ("CD8", "CD68", "CD56"):
+        rule = MARKERS[name]
+        assert choices[f"{name}: {rule.measure} DAB ≥ {rule.threshold_od:g} OD"] == name
+        assert model.preset_threshold(name) == pytest.approx(rule.threshold_od)
     assert model.preset_threshold("CD8", {"markers": {"CD8": {"threshold_od": 0.2}}}) == 0.2

@@ -116,7 +116,7 @@ def test_widget_scores_the_field_of_view(viewer_widget, qtbot, monkeypatch):
     assert widget.table_values() == model.table_rows(result.summary)
     assert widget.table.rowCount() == len(result.summary) >= 4
     assert "cells scored" in widget.status_label.text()
-    assert widget.threshold_slider.value() == pytest.approx(0.07)
+    assert widget.threshold_slider.value() == pytest.approx(model.preset_threshold("CD8"))
     assert widget.run_btn.isEnabled()
     assert widget.export_btn.isEnabled()
 
@@ -130,11 +130,14 @@ def test_threshold_slider_reclassifies_without_detecting(viewer_widget, cd8_resu
     od = cd8_result.cells["dab_od_membrane"].to_numpy(float)
     table_before = widget.table_values()
 
-    widget.threshold_slider.setValue(0.2)  # as a user drags it; applied when it rests
-    qtbot.waitUntil(lambda: abs(widget.session.threshold() - 0.2) < 1e-9, timeout=5000)
+    preset = widget.session.threshold()
+    higher = round(preset + 0.1, 3)
+    widget.threshold_slider.setValue(higher)  # as a user drags it; applied when it rests
+    qtbot.waitUntil(lambda: abs(widget.session.threshold() - higher) < 1e-6, timeout=5000)
+    higher = widget.session.threshold()
 
     result = widget.session.result
-    expected = pos_before & (od >= 0.2)  # same rule, higher threshold
+    expected = pos_before & (od >= higher)  # same rule, higher threshold
     np.testing.assert_array_equal(result.cells["positive"].to_numpy(bool), expected)
     assert expected.sum() < pos_before.sum()
     np.testing.assert_array_equal(cells.data, coords_before)  # same cells: no re-detection
@@ -146,7 +149,7 @@ def test_threshold_slider_reclassifies_without_detecting(viewer_widget, cd8_resu
     in_tissue = result.cells["compartment"].isin(["intratumoral", "stromal", "tissue"])
     assert int(tissue[2]) == int((expected & in_tissue.to_numpy()).sum())
     # and back
-    widget.set_threshold(0.07)
+    widget.set_threshold(preset)
     assert widget.table_values() == table_before
     assert _red_count(cells.border_color) == int(pos_before.sum())
 
@@ -155,7 +158,7 @@ def test_threshold_slider_reclassifies_without_detecting(viewer_widget, cd8_resu
 def test_export_writes_what_tilscore_score_writes(viewer_widget, cd8_result, tmp_path):
     _, widget = viewer_widget
     _show(widget, cd8_result)
-    widget.set_threshold(0.15)
+    widget.set_threshold(0.321)
     files = widget.export(tmp_path / "out")
     assert files is not None
     for name in ("summary.csv", "run.json", "report.html"):
@@ -164,7 +167,7 @@ def test_export_writes_what_tilscore_score_writes(viewer_widget, cd8_result, tmp
     expected = widget.session.result.summary
     assert summary["n_positive"].tolist() == expected["n_positive"].tolist()
     run = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert "0.15" in json.dumps(run)  # the threshold used is recorded
+    assert "0.321" in json.dumps(run)  # the threshold used is recorded
 
 
 @pytest.mark.slow
