@@ -43,9 +43,12 @@ _LAZY = {
     "iter_score_slide": "score",
     "score_image": "score",
     "score_slide": "score",
+    "run_batch": "batch",
+    "BatchReport": "batch",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .batch import BatchReport, run_batch
     from .config import Config, load_config
     from .detect import detect_cells
     from .regions import RegionSet, load_regions
@@ -75,6 +78,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "BatchReport",
     "Config",
     "ConfigError",
     "MissingPixelSizeError",
@@ -98,6 +102,7 @@ __all__ = [
     "load_regions",
     "open_slide",
     "reconstruct",
+    "run_batch",
     "score_image",
     "score_slide",
     "tissue_mask",
