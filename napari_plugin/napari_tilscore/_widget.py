@@ -1,10 +1,10 @@
 """The "TIL scoring" dock widget (Qt); its state and computations live in :mod:`.model`.
 
-Every action a button triggers is also a method (``open_slide``, ``add_region_layers``,
-``load_regions``, ``save_regions``, ``run``, ``cancel``, ``set_threshold``, ``export``), so tests
-and scripts drive the widget without file dialogs. Errors a user can cause (unreadable file,
-slide without µm/px, no tissue, cancelled run) become napari notifications, never exceptions
-in the event loop.
+Every action a button triggers is also a method (``open_slide``, ``set_config``,
+``add_region_layers``, ``load_regions``, ``save_regions``, ``run``, ``cancel``, ``set_threshold``,
+``export``), so tests and scripts drive the widget without file dialogs. Errors a user can cause
+(unreadable file, slide without µm/px, no tissue, cancelled run) become napari notifications,
+never exceptions in the event loop.
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ class TilscoreWidget(QWidget):
         self.last_status = ""  # what happened to the last run: "done", "cancelled", "error"
         self._progress: Any = None
         self._pending: model.ScoringSession | None = None
+        self.config: Any = None  # a tilscore Config (None: the defaults)
         self._result_layers: dict[str, Any] = {}
         self._build()
         self.viewer.layers.events.inserted.connect(self._refresh_slides)
@@ -141,6 +142,14 @@ class TilscoreWidget(QWidget):
         self.scope_combo = QComboBox()
         self.scope_combo.addItems(list(model.SCOPES))
         form.addRow("scope", self.scope_combo)
+        self.config_label = QLabel("defaults")
+        self.config_label.setToolTip("tilscore TOML configuration (every parameter of a run)")
+        config_btn = QPushButton("Config…")
+        config_btn.clicked.connect(self._config_dialog)
+        row = QHBoxLayout()
+        row.addWidget(self.config_label, 1)
+        row.addWidget(config_btn)
+        form.addRow("config", row)
         root.addWidget(run_box)
 
         reg_box = QGroupBox("Regions (level-0 polygons, one Shapes layer per class)")
@@ -404,12 +413,36 @@ class TilscoreWidget(QWidget):
             )
         return geom
 
+    @_notify_errors
+    def set_config(self, path: str | Path | None) -> Any:
+        """Use a tilscore TOML configuration for the next runs (None: the defaults).
+
+        The file is checked now (unknown keys, bad values), not in the middle of a run; the
+        detector choice and the marker's threshold follow it.
+        """
+        from tilscore.config import load_config
+
+        config = load_config(path) if path is not None else None
+        self.config = config
+        self.config_label.setText(Path(path).name if path is not None else "defaults")
+        detector = load_config(config)["detect"]["detector"]
+        self.detector_combo.setCurrentText(detector)
+        self._marker_changed()
+        return config
+
+    def _config_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "tilscore configuration", "", "TOML (*.toml);;All files (*)"
+        )
+        if path:
+            self.set_config(path)
+
     # ------------------------------------------------------------------------------- run ---
     def _marker_changed(self, *_: Any) -> None:
         if self.session is None or self.session.result is None:
             marker = self.marker_combo.currentData()
             self.threshold_slider.blockSignals(True)
-            self.threshold_slider.setValue(model.preset_threshold(marker))
+            self.threshold_slider.setValue(model.preset_threshold(marker, self.config))
             self.threshold_slider.blockSignals(False)
 
     def make_session(self) -> model.ScoringSession:
@@ -422,6 +455,7 @@ class TilscoreWidget(QWidget):
             regions=self.regions(),
             scope=self.scope_geometry(),
             automatic=self.auto_check.isChecked(),
+            config=self.config,
         )
 
     def _run_clicked(self) -> None:

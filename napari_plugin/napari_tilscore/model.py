@@ -389,7 +389,7 @@ class ScoringSession:
     _raw: Any = field(default=None, repr=False)
 
     def effective_config(self) -> Any:
-        """The config with the widget's detector and the scope applied."""
+        """The config with the widget's detector choice in ``[detect]``."""
         from tilscore.config import Config, load_config
 
         cfg = load_config(self.config)

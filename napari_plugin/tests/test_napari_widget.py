@@ -317,3 +317,22 @@ def test_selected_shapes_scope_is_in_level0_px(viewer_widget):
     geom = widget.scope_geometry()
     assert geom.area == pytest.approx(400 * 300 + 100 * 50)
     assert geom.bounds == (0.0, 0.0, 600.0, 400.0)
+
+
+def test_config_file_sets_detector_and_threshold(viewer_widget, tmp_path, monkeypatch):
+    _, widget = viewer_widget
+    seen = _notifications(monkeypatch)
+    good = tmp_path / "run.toml"
+    good.write_text('[detect]\ndetector = "classical"\n\n[markers.CD8]\nthreshold_od = 0.3\n')
+    widget.marker_combo.setCurrentIndex(widget.marker_combo.findData("CD8"))
+    assert widget.set_config(good) is not None
+    assert widget.detector_combo.currentText() == "classical"
+    assert widget.threshold_slider.value() == pytest.approx(0.3)
+    session = widget.make_session()
+    assert session.effective_config()["detect"]["detector"] == "classical"
+    assert session.threshold() == pytest.approx(0.3)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[detect]\ndetektor = 1\n")
+    assert widget.set_config(bad) is None
+    assert "detektor" in seen["error"][-1]
+    assert widget.config_label.text() == "run.toml"  # the good one stays
