@@ -129,6 +129,10 @@ def test_threshold_slider_reclassifies_without_detecting(viewer_widget, cd8_resu
     pos_before = cd8_result.cells["positive"].to_numpy(bool)
     od = cd8_result.cells["dab_od_membrane"].to_numpy(float)
     table_before = widget.table_values()
+    # hovering a cell shows its measurements (status bar and tooltip)
+    status = cells.get_status(tuple(coords_before[0] * 0.5), world=True)
+    assert "dab_od_membrane" in status["value"]
+    assert viewer.tooltip.visible
 
     preset = widget.session.threshold()
     higher = round(preset + 0.1, 3)
