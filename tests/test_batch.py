@@ -354,6 +354,31 @@ def test_killed_batch_keeps_finished_slides_and_resumes(tmp_path: Path, sig) -> 
     _no_temporaries(out)
 
 
+@pytest.mark.slow
+def test_worker_killed_mid_slide_is_reported_and_resumed(tmp_path: Path) -> None:
+    """A worker process killed under its slide (here: by its memory limit) fails that slide
+    only; nothing half-written stays, and a run with room enough scores it."""
+    import dask
+    import distributed  # noqa: F401  (its config defaults load before the override)
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    shutil.copy(EXAMPLES / "synthetic_cd8.tif", folder / "synthetic_cd8.tif")
+    out = tmp_path / "out"
+    tight = {**FAST, "batch": {"memory_limit": "250MB"}}  # below one scoring worker's needs
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        report = run_batch([folder], out, config=tight, workers=1, processes=True)
+    assert report.done == []
+    assert [r["error_type"] for r in report.failed] == ["KilledWorker"]
+    assert pd.read_csv(out / "errors.csv").error_type.tolist() == ["KilledWorker"]
+    assert not (out / "synthetic_cd8").exists()
+    _no_temporaries(out)
+    # the memory limit is a [batch] option: it does not change the slide's key
+    again = run_batch([folder], out, config=FAST, processes=False, workers=1)
+    assert again.done == ["synthetic_cd8"]
+    assert pd.read_csv(out / "errors.csv").empty
+
+
 def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     from tilscore.cli import main
 
