@@ -876,8 +876,7 @@ def iter_batch(
                 skipped.append(item.slide_id)
             else:
                 to_run.append((item, key))
-        early = list(failed)
-        failed.clear()
+        early = list(failed)  # reported as events once the run starts; in errors.csv anyway
         counts = {"done": 0, "failed": 0, "skipped": 0}
 
         def event(kind: str, **kw: Any) -> BatchEvent:
@@ -887,7 +886,6 @@ def iter_batch(
             """The failures found before scoring and the slides already done."""
             for record in early:
                 counts["failed"] += 1
-                failed.append(record)
                 yield event("failed", slide_id=record["slide_id"], record=record)
             for sid in skipped:
                 counts["skipped"] += 1
