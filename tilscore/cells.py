@@ -93,18 +93,25 @@ def validate_cells(df: pd.DataFrame) -> pd.DataFrame:
                     raise ConfigError("cells column positive has missing values")
                 if not pd.api.types.is_numeric_dtype(out[col]):
                     raise ConfigError("cells column positive must be boolean")
-            out[col] = out[col].astype(dtype)
+            if out[col].dtype != dtype:  # columns already right are not copied again
+                out[col] = out[col].astype(dtype)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cells column {col} cannot be {dtype}: {exc}") from None
     if not (np.isfinite(out["x"]).all() and np.isfinite(out["y"]).all()):
         raise ConfigError("cells table has NaN or infinite x/y")
     cls = out["cell_class"].astype(object)
-    bad = sorted(set(cls.dropna().astype(str)) - set(CELL_CLASSES))
+    try:  # a few distinct values: check those, not every row
+        kinds = pd.unique(cls.dropna().to_numpy())
+    except TypeError:  # unhashable values
+        kinds = pd.unique(cls.dropna().astype(str).to_numpy())
+    bad = sorted({str(v) for v in kinds} - set(CELL_CLASSES))
     if bad or cls.isna().any():
         raise ConfigError(
             f"unknown cell_class value(s) {bad or ['<missing>']}", hint=f"use {CELL_CLASSES}"
         )
-    out["cell_class"] = cls.astype(str).astype(object)
+    if not all(type(v) is str for v in kinds):
+        cls = cls.astype(str).astype(object)
+    out["cell_class"] = cls
     ib = out["intensity_bin"]
     if ((ib < 0) | (ib > 3)).any():
         raise ConfigError("intensity_bin must be 0-3")
