@@ -379,6 +379,20 @@ def test_worker_killed_mid_slide_is_reported_and_resumed(tmp_path: Path) -> None
     assert pd.read_csv(out / "errors.csv").empty
 
 
+@pytest.mark.slow
+def test_existing_cluster_by_address(tmp_path: Path) -> None:
+    from distributed import LocalCluster
+
+    shutil.copy(EXAMPLES / "synthetic_cd56.tif", tmp_path / "s_CD56.tif")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False) as cluster:
+        report = run_batch(
+            [tmp_path / "s_CD56.tif"], tmp_path / "out", FAST, scheduler=cluster.scheduler_address
+        )
+        assert report.done == ["s_CD56"]
+        assert len(cluster.scheduler.workers) == 1  # the cluster is left running
+    assert set(_summary(tmp_path / "out").marker) == {"CD56"}
+
+
 def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     from tilscore.cli import main
 
