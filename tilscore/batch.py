@@ -54,11 +54,18 @@ __all__ = [
     "BatchEvent",
     "BatchItem",
     "BatchReport",
+    "assign_slide_ids",
+    "batch_settings",
+    "default_cluster_size",
     "discover_slides",
+    "input_fingerprint",
     "iter_batch",
     "marker_from_name",
     "plan_batch",
     "run_batch",
+    "score_one",
+    "scoring_config_hash",
+    "slide_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,6 +120,8 @@ class BatchItem:
     error
         (error type, message) when the slide cannot be scored (unknown marker, missing file);
         such items are reported, not submitted.
+    source
+        Where it was named: "argument", the folder searched, or "manifest.csv:ROW".
     """
 
     path: Path
