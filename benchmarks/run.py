@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += stage_read(e2e_path, read_px, n_read, repeats)
     if "stain" in args.stages:
         print("stain ...", flush=True)
-        rows += stage_stain(stain_px, max(repeats, 5))
+        rows += stage_stain(stain_px, max(3 * repeats, 9))  # cheap: more passes, less noise
     if "detect" in args.stages:
         print("detect ...", flush=True)
         rows += stage_detect(detect_px, repeats)
