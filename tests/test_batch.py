@@ -279,14 +279,19 @@ def test_batch_scores_good_slides_reports_bad_ones_and_resumes(cohort: Path, tmp
 @pytest.mark.slow
 def test_manifest_columns_reach_the_summary(tmp_path: Path) -> None:
     shutil.copy(EXAMPLES / "synthetic_cd68.tif", tmp_path / "biopsy_a.tif")
+    shutil.copy(EXAMPLES / "synthetic_cd8.tif", tmp_path / "biopsy_b.tif")
     manifest = tmp_path / "cohort.csv"
     manifest.write_text(
-        "path,marker,patient,timepoint,arm\nbiopsy_a.tif,CD68,P07,pre,B\nmissing.tif,CD8,P07,post,B\n"
+        "path,marker,patient,timepoint,arm\n"
+        "biopsy_a.tif,CD68,P07,pre,B\n"
+        "missing.tif,CD8,P07,post,B\n"
+        "biopsy_b.tif,CD99,P08,pre,A\n"
     )
     out = tmp_path / "out"
     report = run_batch([manifest], out, config=FAST, processes=False, workers=1)
     assert report.done == ["biopsy_a"]
-    assert [r["slide_id"] for r in report.failed] == ["missing"]
+    errors = {r["slide_id"]: r["error_type"] for r in report.failed}
+    assert errors == {"missing": "SlideReadError", "biopsy_b": "UnknownMarker"}
     summary = _summary(out)
     assert set(summary.patient) == {"P07"}
     assert set(summary.timepoint) == {"pre"}

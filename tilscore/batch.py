@@ -678,14 +678,14 @@ def _cpus() -> int:
 def default_cluster_size(cpus: int | None = None) -> tuple[int, int]:
     """(workers, threads per worker) of the default LocalCluster for ``cpus`` cores.
 
-    One worker process per two cores, each scoring one slide at a time with torch and OpenCV
-    on its two cores. On this project's 2-core machine (1 worker) this was as fast as or faster
-    than two single-core workers (2 x 1) and than two slides in one process (1 x 2); see
-    docs/scaling.md. Larger machines were not measured: the rule keeps two cores per slide.
+    One single-threaded worker process per core: each scores one slide at a time on one core.
+    On this project's 2-core machine, when nothing else ran, 2 x 1 was the fastest shape (1.07x
+    two slides in one process, 1.3x one slide on both cores); on the same machine loaded by
+    other jobs, one slide at a time did better. docs/scaling.md has the figures.
     """
     if cpus is None:
         cpus = _cpus()
-    return max(1, int(cpus or 1) // 2), 1
+    return max(1, int(cpus or 1)), 1
 
 
 class _Interrupted(KeyboardInterrupt):
