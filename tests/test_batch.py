@@ -405,6 +405,8 @@ def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["batch", str(empty), "-o", str(tmp_path / "out")]) == 2
+    args = ["batch", str(empty), "-o", str(tmp_path / "out"), "--scheduler", "tcp://x:1"]
+    assert main([*args, "--workers", "2"]) == 2
 
 
 def test_config_show_prints_loadable_defaults(capsys, tmp_path: Path) -> None:

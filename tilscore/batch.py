@@ -850,6 +850,12 @@ def iter_batch(
     ones, rewrites ``summary.csv`` and ``errors.csv`` from them and re-raises.
     """
     t0 = time.perf_counter()
+    if scheduler is not None and (workers or threads_per_worker):
+        raise ConfigError(
+            "workers and threads per worker size a local cluster",
+            hint="With a scheduler, the cluster's own workers run the slides; drop --workers "
+            "and --threads-per-worker",
+        )
     cfg = _load_config(config)
     settings = batch_settings(cfg)
     out = Path(out).expanduser().resolve()
