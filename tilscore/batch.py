@@ -986,15 +986,11 @@ def _collect(futures, by_key, counts, failed, done, event):
             item = by_key[fut.key]
             if fut.status == "finished":
                 record = fut.result()
+            elif fut.status == "cancelled":  # by the cluster (shut down, restarted)
+                record = _failure(item, "Cancelled", "the cluster cancelled the task")
             else:  # the worker died under it (memory limit, crash) or the task was lost
                 exc = fut.exception()
-                record = {
-                    "slide_id": item.slide_id,
-                    "path": str(item.path),
-                    "status": "failed",
-                    "error_type": type(exc).__name__,
-                    "message": f"{exc}",
-                }
+                record = _failure(item, type(exc).__name__, f"{item.path}: {exc}")
             fut.release()
             record.setdefault("marker", item.marker)
             if record["status"] == "done":
