@@ -14,8 +14,9 @@ Stages (each row: ours, the peer, the ratio; "x" > 1 means tilscore is faster or
 - **end to end**: a synthetic CD8 slide (0.25 µm/px, 40 % tissue, JPEG tiles, streamed to disk by
   ``tilscore.synthetic.write_slide``) scored from file to summary (``tilscore.score.score_slide``,
   or ``detect_cells`` where score.py is absent) in a fresh subprocess: seconds, megapixels of
-  tissue per second at the detection resolution (0.5 µm/px), peak resident memory; the CNN beside
-  the classical detector.
+  tissue per second at the detection resolution (0.5 µm/px), CPU time, peak resident memory;
+  the CNN beside the classical detector, the CNN one tile at a time (before this issue) and the
+  CNN in bfloat16 (opt-in).
 - **scaling**: the same on slides 4x and 16x larger than the first: time per tissue megapixel and
   peak memory, each relative to the smallest slide (1.0 = linear time, flat memory).
 
@@ -378,21 +379,26 @@ def stage_detect(size: int, repeats: int) -> list[Row]:
     return rows
 
 
-def score_in_subprocess(path: Path, detector: str, baseline: bool = False) -> dict[str, Any]:
+def score_in_subprocess(
+    path: Path, detector: str, baseline: bool = False, bf16: bool = False
+) -> dict[str, Any]:
     """Score one slide in a fresh Python process; its time, tissue area and peak memory.
 
     ``baseline``: with this issue's speed-ups switched off (one tile at a time, float32).
+    ``bf16``: the CNN in bfloat16 where the CPU has it (``"bf16": "auto"``; opt-in).
     """
     cmd = [sys.executable, __file__, "--child-score", str(path), "--child-detector", detector]
     if baseline:
         cmd.append("--child-baseline")
+    if bf16:
+        cmd.append("--child-bf16")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"scoring {path.name} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def child_score(path: str, detector: str, baseline: bool = False) -> int:
+def child_score(path: str, detector: str, baseline: bool = False, bf16: bool = False) -> int:
     """(Runs in the subprocess.) Score the slide from file to summary; print one JSON line."""
     import resource
 
@@ -405,6 +411,11 @@ def child_score(path: str, detector: str, baseline: bool = False) -> int:
 
         tilscore.detect.DEFAULT_WORKERS = 1
         tilscore.detect.cnn.autocast_dtype = lambda device, bf16="auto": None
+    if bf16:  # the opt-in: as if the model's config.json said "bf16": "auto"
+        import tilscore.detect.cnn
+
+        choose = tilscore.detect.cnn.autocast_dtype
+        tilscore.detect.cnn.autocast_dtype = lambda device, bf16=False: choose(device, "auto")
 
     try:
         from tilscore.score import iter_score_slide
@@ -464,13 +475,15 @@ def child_score(path: str, detector: str, baseline: bool = False) -> int:
 def stage_end_to_end(path: Path, repeats: int) -> tuple[list[Row], dict[str, Any]]:
     """File to summary on one slide, each run in its own process, interleaved.
 
-    Peers: the classical detector, and the same CNN pipeline with this issue's speed-ups
-    switched off (one tile at a time, float32) -- both on the same slide in the same run.
+    Peers: the classical detector; the same CNN pipeline one tile at a time (float32), as
+    before this issue; and the CNN in bfloat16 (the opt-in ``"bf16": "auto"``) -- all on the
+    same slide in the same run.
     """
     variants = {
-        "cnn": ("cnn", False),
-        "classical": ("classical", False),
-        "cnn-serial-fp32": ("cnn", True),
+        "cnn": ("cnn", False, False),
+        "classical": ("classical", False, False),
+        "cnn-serial-fp32": ("cnn", True, False),
+        "cnn-bf16": ("cnn", False, True),
     }
     best: dict[str, dict[str, Any]] = {}
     for r in range(repeats):
@@ -480,7 +493,7 @@ def stage_end_to_end(path: Path, repeats: int) -> tuple[list[Row], dict[str, Any
             if name not in best or res["seconds"] < best[name]["seconds"]:
                 peak = max(res["peak_rss_mb"], best.get(name, {}).get("peak_rss_mb", 0.0))
                 best[name] = {**res, "peak_rss_mb": peak}
-    cnn, cla, old = best["cnn"], best["classical"], best["cnn-serial-fp32"]
+    cnn, cla, old, bf = best["cnn"], best["classical"], best["cnn-serial-fp32"], best["cnn-bf16"]
     tissue_mp = cnn["tissue_mp_at_0.5"]
     ncpu = os.cpu_count() or 1
     note = (
@@ -488,7 +501,11 @@ def stage_end_to_end(path: Path, repeats: int) -> tuple[list[Row], dict[str, Any
         f"{cnn['how']}, cells {cnn['n_cells']} / {cla['n_cells']}; model load included"
     )
     rows = []
-    for peer_name, peer in (("classical", cla), ("CNN serial fp32 (before)", old)):
+    for peer_name, peer in (
+        ("classical", cla),
+        ("CNN one tile at a time (before)", old),
+        ("CNN bf16 (opt-in)", bf),
+    ):
         rows.append(
             Row(
                 "end to end",
@@ -696,9 +713,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child-score", help=argparse.SUPPRESS)
     parser.add_argument("--child-detector", default="cnn", help=argparse.SUPPRESS)
     parser.add_argument("--child-baseline", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--child-bf16", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child_score:
-        return child_score(args.child_score, args.child_detector, args.child_baseline)
+        return child_score(
+            args.child_score, args.child_detector, args.child_baseline, args.child_bf16
+        )
 
     if args.quick:
         e2e_size = (16384, 12288)

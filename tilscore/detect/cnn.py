@@ -62,7 +62,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "heat_sigma_um": 1.5,
     "threshold": 0.35,
     "nms_radius_um": 2.5,
-    "bf16": "auto",
+    "bf16": False,  # True, False or "auto" (see autocast_dtype); the shipped model: False
 }
 
 _MULTIPLE = 16  # the input size must be a multiple of this (stride 2 stem + 3 downsamplings)
@@ -128,9 +128,11 @@ def autocast_dtype(device: str, bf16: bool | str = "auto"):
     device
         torch device string ("cpu", "cuda", "cuda:1").
     bf16
-        ``True``: bfloat16; ``False``: float32; ``"auto"`` (the default): bfloat16 where the
-        device computes it natively (a CUDA GPU with bf16 support, a CPU with AVX-512 BF16 or
-        AMX), where it is faster and as accurate (see the model card), float32 elsewhere.
+        ``True``: bfloat16; ``False``: float32; ``"auto"``: bfloat16 where the device computes
+        it natively (a CUDA GPU with bf16 support, a CPU with AVX-512 BF16 or AMX), float32
+        elsewhere. The shipped model's ``config.json`` says ``false``: bf16 is 2.3-2.5x faster
+        for the network on an AMX CPU but changed a cell on the synthetic evaluation (see
+        docs/performance.md).
 
     Returns
     -------
@@ -453,9 +455,9 @@ class CNNDetector:
             ``model.safetensors`` and ``config.json``.
         device
             "cpu", "cuda", "cuda:1" ...; ``None`` or "auto": CUDA when available, else CPU
-            (:func:`select_device`). Inference runs in bfloat16 autocast where the device
-            computes it natively, unless ``config.json`` sets ``"bf16": false``
-            (:func:`autocast_dtype`).
+            (:func:`select_device`). Inference runs in float32, or in bfloat16 autocast where
+            ``config.json`` sets ``"bf16": true`` (or ``"auto"``: where the device computes it
+            natively; :func:`autocast_dtype`).
         """
         torch = _torch()
         from safetensors.torch import load_file
@@ -488,7 +490,7 @@ class CNNDetector:
         torch = _torch()
         x = torch.from_numpy(batch).permute(0, 3, 1, 2).to(self.device)
         x = x.contiguous(memory_format=torch.channels_last)
-        dtype = autocast_dtype(self.device, self.config.get("bf16", "auto"))
+        dtype = autocast_dtype(self.device, self.config.get("bf16", False))
         dev_type = torch.device(self.device).type
         with (
             torch.inference_mode(),
