@@ -732,7 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tilscore benchmarks ({'quick' if args.quick else 'full'}; cache {args.cache})")
     rows: list[Row] = []
     t_all = time.perf_counter()
-    e2e_path = synthetic_slide(args.cache, *e2e_size)
+    needs_slide = {"read", "e2e"} & set(args.stages)
+    e2e_path = synthetic_slide(args.cache, *e2e_size) if needs_slide else None
     if "read" in args.stages:
         print("read ...", flush=True)
         rows += stage_read(e2e_path, read_px, n_read, repeats)
