@@ -41,6 +41,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "device": "auto",  # "auto" (CUDA when present), "cpu", "cuda"
         "tile_size_px": 1024,  # tile core at the detector's µm/px
         "halo_px": 48,  # context around each tile (px)
+        "tile_workers": 0,  # tiles processed at once in threads; 0 = min(2, CPU count)
     },
     "stain": {
         "vectors": "estimate",  # "estimate" per slide, or "ruifrok" (Ruifrok-Johnston H-DAB)

@@ -630,6 +630,7 @@ def iter_score_slide(
                 halo_px=det_cfg["halo_px"],
                 model=det_cfg["model"],
                 device=device,
+                workers=det_cfg["tile_workers"] or None,
             )
             while True:
                 try:
