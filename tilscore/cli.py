@@ -28,6 +28,17 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_set(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a marker-rule field, e.g. --set threshold_od=0.3 (repeatable)",
+    )
+
+
 def _add_mpp(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mpp",
@@ -76,14 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--region", default=None, metavar="X,Y,W,H", help="only this level-0 box of a slide"
     )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a marker-rule field, e.g. --set threshold_od=0.3 (repeatable)",
-    )
+    _add_set(p)
     p.add_argument(
         "--config",
         type=Path,
@@ -119,14 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="QuPath GeoJSON annotations or a mask image (default: automatic compartments)",
     )
     p.add_argument("--config", type=Path, default=None, metavar="TOML", help="configuration file")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a marker-rule field, e.g. --set threshold_od=0.3 (repeatable)",
-    )
+    _add_set(p)
     _add_mpp(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_score)
