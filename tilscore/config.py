@@ -36,26 +36,26 @@ __all__ = ["DEFAULTS", "Config", "default_config_toml", "load_config"]
 #: Every table and key with its default value (and so its type).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "detect": {
-        "detector": "cnn",  # "cnn" or "classical"
-        "model": "default",  # a model folder in tilscore.models
-        "device": "auto",  # "auto" (CUDA when present), "cpu", "cuda"
-        "tile_size_px": 1024,  # tile core at the detector's µm/px
-        "halo_px": 48,  # context around each tile (px)
-        "tile_workers": 0,  # tiles processed at once in threads; 0 = min(2, CPU count)
+        "detector": "cnn",
+        "model": "default",
+        "device": "auto",
+        "tile_size_px": 1024,
+        "halo_px": 48,
+        "tile_workers": 0,
     },
     "stain": {
-        "vectors": "estimate",  # "estimate" per slide, or "ruifrok" (Ruifrok-Johnston H-DAB)
-        "background": "estimate",  # "estimate" glass I0 per slide, or "white" (255, 255, 255)
+        "vectors": "estimate",
+        "background": "estimate",
     },
     "regions": {
-        "margin_width_um": 500.0,  # invasive margin band, in all (half each side of the border)
-        "class_map": {},  # annotation class name -> tumour / stroma / tumour_bed / margin / ...
-        "auto_grid_um": 8.0,  # automatic segmentation: density grid cell (µm)
-        "auto_sigma_um": 16.0,  # smoothing of the tumour-nucleus density (µm)
-        "auto_min_tumour_fraction": 0.5,  # share of tumour nuclei among all nuclei in a nest
-        "auto_min_density_per_mm2": 1500.0,  # tumour nuclei per mm² in a nest
-        "auto_min_nest_area_um2": 2000.0,  # smaller blobs are not nests
-        "auto_bed_margin_um": 300.0,  # nests closer than twice this share one tumour bed
+        "margin_width_um": 500.0,
+        "class_map": {},
+        "auto_grid_um": 8.0,
+        "auto_sigma_um": 16.0,
+        "auto_min_tumour_fraction": 0.5,
+        "auto_min_density_per_mm2": 1500.0,
+        "auto_min_nest_area_um2": 2000.0,
+        "auto_bed_margin_um": 300.0,
     },
     "output": {
         "cells_parquet": True,
@@ -64,24 +64,59 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "overlay": True,
         "heatmap": True,
         "report": True,
-        "heatmap_cell_um": 100.0,  # density heatmap bin (µm)
+        "heatmap_cell_um": 100.0,
     },
     "batch": {
-        # marker from the file name when a manifest does not give it (case-insensitive regex
-        # whose first group is the marker name)
         "marker_pattern": r"(?<![A-Za-z0-9])(CD8|CD68|CD56|CD3|CD4|CD20|FOXP3|KI-?67)(?![0-9])",
-        # regions files looked for beside a slide when a manifest names none, comma-separated
-        # ({stem}: the slide's file name without its suffix); the first that exists is used
         "regions_beside": "{stem}.regions.geojson, {stem}.geojson",
-        # what a re-run compares to skip a done slide: "fast" (size, mtime, sha256 of the first
-        # and last MiB) or "full" (sha256 of the whole file)
         "input_hash": "fast",
-        # local cluster size: 0 = chosen for the machine (docs/scaling.md)
         "workers": 0,
         "threads_per_worker": 0,
-        # memory limit per local worker: "auto" (machine memory / workers) or e.g. "8GB"
         "memory_limit": "auto",
     },
+}
+
+#: What each key means, written above it by :func:`default_config_toml`.
+HELP: dict[tuple[str, str], str] = {
+    ("detect", "detector"): '"cnn" or "classical"',
+    ("detect", "model"): "a model folder in tilscore.models",
+    ("detect", "device"): '"auto" (CUDA when present), "cpu", "cuda"',
+    ("detect", "tile_size_px"): "tile core at the detector's µm/px",
+    ("detect", "halo_px"): "context around each tile (px)",
+    ("detect", "tile_workers"): "tiles processed at once in threads; 0 = min(2, CPU count)",
+    ("stain", "vectors"): '"estimate" per slide, or "ruifrok" (Ruifrok-Johnston H-DAB)',
+    ("stain", "background"): '"estimate" glass I0 per slide, or "white" (255, 255, 255)',
+    ("regions", "margin_width_um"): "invasive margin band in all, half each side of the border",
+    (
+        "regions",
+        "class_map",
+    ): 'annotation class name -> region class, e.g. {"Carcinoma" = "tumour"}',
+    ("regions", "auto_grid_um"): "automatic segmentation: density grid cell (µm)",
+    ("regions", "auto_sigma_um"): "smoothing of the tumour-nucleus density (µm)",
+    ("regions", "auto_min_tumour_fraction"): "share of tumour nuclei among all nuclei in a nest",
+    ("regions", "auto_min_density_per_mm2"): "tumour nuclei per mm² in a nest",
+    ("regions", "auto_min_nest_area_um2"): "smaller blobs are not nests",
+    ("regions", "auto_bed_margin_um"): "nests closer than twice this share one tumour bed",
+    (
+        "output",
+        "cells_parquet",
+    ): "which files SlideResult.save writes (summary.csv and run.json always)",
+    ("output", "heatmap_cell_um"): "density heatmap bin (µm)",
+    ("batch", "marker_pattern"): (
+        "marker from the file name when a manifest gives none (case-insensitive regex; its "
+        "first group is the marker)"
+    ),
+    ("batch", "regions_beside"): (
+        "regions files looked for beside a slide when a manifest names none, comma-separated "
+        "({stem}: the file name without its suffix); the first that exists is used"
+    ),
+    ("batch", "input_hash"): (
+        'what a re-run compares to skip a done slide: "fast" (size, mtime, sha256 of the first '
+        'and last MiB) or "full" (sha256 of the whole file)'
+    ),
+    ("batch", "workers"): "local cluster: worker processes, threads per worker; 0 = chosen for "
+    "the machine (docs/scaling.md)",
+    ("batch", "memory_limit"): 'per local worker: "auto" (machine memory / workers) or "8GB"',
 }
 
 
@@ -173,7 +208,9 @@ class Config:
             try:
                 cfg.marker_rule(name)
             except ConfigError as exc:
-                raise ConfigError(f"[markers.{name}]: {exc.message}", path=where) from None
+                raise ConfigError(
+                    f"[markers.{name}]: {exc.reason}", path=where, hint=exc.hint
+                ) from None
         if values["detect"]["detector"] not in ("cnn", "classical"):
             raise ConfigError(
                 f"[detect] detector must be 'cnn' or 'classical', got "
@@ -204,7 +241,14 @@ class Config:
             if key in MARKERS or table is None:
                 base = get_marker(marker)  # unknown without a table: the error lists the known
             else:
-                return MarkerRule.from_dict({"name": str(marker), **table, **overrides})
+                try:
+                    return MarkerRule.from_dict({"name": str(marker), **table, **overrides})
+                except TypeError as exc:  # a new marker lacks a field without a default
+                    raise ConfigError(
+                        f"a new marker needs every field: {exc}",
+                        hint=f"{key} is not a preset; give measure, expansion_um, "
+                        "membrane_width_um, threshold_od, bins_od and cell_classes",
+                    ) from None
         values = {**(table or {}), **overrides}
         return base.with_overrides(**values) if values else base
 
@@ -260,9 +304,14 @@ def default_config_toml() -> str:
     """The defaults as TOML, with the marker presets (what ``tilscore config --show`` prints)."""
     from .markers import MARKERS
 
-    data = copy.deepcopy(DEFAULTS)
     text = "# tilscore configuration: the effective defaults. Copy, edit, pass with --config.\n"
-    text += _to_toml(data)
+    for table, entries in DEFAULTS.items():
+        text += f"[{table}]\n"
+        for key, value in entries.items():
+            if (table, key) in HELP:
+                text += f"# {HELP[table, key]}\n"
+            text += f"{key} = {_toml_value(value)}\n"
+        text += "\n"
     text += "# Marker presets; a [markers.NAME] table overrides any of these fields.\n"
     presets = {
         r.name: {k: v for k, v in r.to_dict().items() if k != "name"} for r in MARKERS.values()
