@@ -135,6 +135,36 @@ def _check_mpp(mpp: Any) -> float:
     return check_positive(mpp, "mpp (µm per px)")
 
 
+def _distance_transform(src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """OpenCV's Euclidean distance transform of ``src`` (uint8, 0 = source pixel).
+
+    Returns the float32 distance in px and, for every pixel, the number of its nearest source
+    pixel (OpenCV numbers the source pixels 1, 2, ... in raster order).
+    """
+    import cv2
+
+    return cv2.distanceTransformWithLabels(
+        src, cv2.DIST_L2, cv2.DIST_MASK_PRECISE, labelType=cv2.DIST_LABEL_PIXEL
+    )
+
+
+def _source_lut(idx: np.ndarray, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Table from a source pixel's number in ``idx`` to ``values`` (0 at index 0).
+
+    ``positions`` are the flat indices of the source pixels in raster order, ``values`` their
+    labels. OpenCV numbers source pixels in raster order, so the table is ``values`` itself;
+    that is checked at the first and last source pixel, and the numbers are read at every
+    source pixel otherwise.
+    """
+    lut = np.zeros(len(values) + 1, values.dtype)
+    flat = idx.ravel()
+    if flat[positions[0]] == 1 and flat[positions[-1]] == len(values):
+        lut[1:] = values
+    else:  # pragma: no cover - a numbering other than OpenCV's
+        lut[flat[positions]] = values
+    return lut
+
+
 def nearest_label(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distance to and label of the nearest labelled pixel, for every pixel.
 
@@ -150,18 +180,29 @@ def nearest_label(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nearest : numpy.ndarray
         (H, W) int32 label of that pixel (0 where the image holds no label at all).
     """
-    import cv2
+    dist, idx, lut, _ = _nearest_source(labels)
+    if lut is None:
+        return dist, idx
+    return dist, np.take(lut.astype(np.int32, copy=False), idx)
 
-    fg = labels > 0
-    if not fg.any():
-        return np.full(labels.shape, np.inf, np.float32), np.zeros(labels.shape, np.int32)
-    src = np.logical_not(fg).view(np.uint8)  # 0 on labels, 1 elsewhere (no int64 temporary)
-    dist, idx = cv2.distanceTransformWithLabels(
-        src, cv2.DIST_L2, cv2.DIST_MASK_PRECISE, labelType=cv2.DIST_LABEL_PIXEL
-    )
-    lut = np.zeros(int(idx.max()) + 1, np.int32)
-    lut[idx[fg]] = labels[fg]
-    return dist, lut[idx]
+
+def _nearest_source(
+    labels: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+    """:func:`nearest_label` before the final look-up.
+
+    Returns the distance, the source pixel number, the number -> label table (None, with
+    distance inf and number 0 everywhere, when nothing is labelled) and the flat indices of the
+    labelled pixels in raster order.
+    """
+    fg = labels != 0
+    positions = np.flatnonzero(fg)
+    if not len(positions):
+        empty = np.full(labels.shape, np.inf, np.float32), np.zeros(labels.shape, np.int32)
+        return *empty, None, positions
+    src = np.logical_not(fg, out=fg).view(np.uint8)  # 0 on labels, 1 elsewhere
+    dist, idx = _distance_transform(src)
+    return dist, idx, _source_lut(idx, positions, labels.ravel()[positions]), positions
 
 
 def segment_nuclei(
@@ -199,34 +240,94 @@ def segment_nuclei(
     """
     h, w = signal.shape
     n = len(centres_xy)
-    labels = np.zeros((h, w), np.int32)
     if n == 0:
-        return labels
+        return np.zeros((h, w), np.int32)
     cx = np.clip(np.floor(centres_xy[:, 0]).astype(np.int64), 0, w - 1)
     cy = np.clip(np.floor(centres_xy[:, 1]).astype(np.int64), 0, h - 1)
-    labels[cy, cx] = np.arange(1, n + 1, dtype=np.int32)  # duplicates: the last one wins
-    dist, near = nearest_label(labels)
-    peak = np.zeros(n + 1, np.float32)
-    peak[1:] = signal[cy, cx]
-    floor = np.maximum(foreground_od, peak_fraction * peak).astype(np.float32)
-    keep = (dist <= max_radius_um / mpp) & (signal >= floor[near])
-    out = np.where(keep, near, 0).astype(np.int32)
-    out[cy, cx] = labels[cy, cx]
+    # centre pixels in raster order and their labels (duplicates: the last centre wins)
+    pos_rev = (cy * w + cx)[::-1]
+    positions, first = np.unique(pos_rev, return_index=True)
+    lab = (n - first).astype(np.int32)
+    src = np.ones((h, w), np.uint8)
+    src.ravel()[positions] = 0
+    dist, idx = _distance_transform(src)
+    lut = _source_lut(idx, positions, lab)
+    peak = signal.ravel()[positions]
+    floor = np.zeros(len(lut), np.float32)  # index 0 is never used: every pixel has a centre
+    floor[1:] = np.maximum(foreground_od, peak_fraction * peak)
+    keep = signal >= np.take(floor, idx)
+    keep &= dist <= max_radius_um / mpp
+    out = np.take(lut, idx)
+    out *= keep
+    out.ravel()[positions] = lab
     return out
 
 
-def _means(labels: np.ndarray, values: list[np.ndarray], n: int) -> tuple[np.ndarray, list]:
-    """Pixel counts and per-label means of ``values`` over labels 1..n (NaN where empty)."""
-    flat = labels.ravel()
-    inside = np.flatnonzero(flat)  # labelled pixels only: most of a tile is not in a region
-    flat = flat[inside]
-    counts = np.bincount(flat, minlength=n + 1)[: n + 1].astype(np.float64)
-    out = []
-    with np.errstate(invalid="ignore", divide="ignore"):
-        for v in values:
-            s = np.bincount(flat, weights=v.ravel()[inside], minlength=n + 1)[: n + 1]
-            out.append((s / counts)[1:])
-    return counts[1:], out
+def _compartment_sums(
+    nuclei: np.ndarray,
+    value: np.ndarray,
+    nucleus_value: np.ndarray,
+    n: int,
+    bands: list[tuple[float, float]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixel counts and sums per cell over its nucleus and distance bands around it.
+
+    Every pixel belongs to the cell of its nearest nucleus pixel, at distance ``d`` (px, 0 on
+    the nucleus). The compartments are the nucleus (``d == 0``) and one band per ``(lo, hi)``:
+    ``lo < d <= hi``, compared in float32. They all come from one distance transform and one
+    ``bincount`` over the image: a pixel's key is its cell and the interval between
+    consecutive band edges that holds its distance, and a band adds up its intervals.
+
+    Parameters
+    ----------
+    nuclei
+        (H, W) int32 labels 0..n.
+    value
+        (H * W,) float values summed over every compartment (e.g. DAB OD).
+    nucleus_value
+        (H * W,) float values summed over the nucleus only (e.g. hematoxylin OD).
+    n
+        Number of cells (labels 1..n).
+    bands
+        ``(lo, hi)`` distance bands in px, ``0 <= lo``.
+
+    Returns
+    -------
+    counts, sums : numpy.ndarray
+        (1 + len(bands), n) float64 pixel counts and sums of ``value``: nucleus, then each band.
+    nucleus_sums : numpy.ndarray
+        (n,) float64 sums of ``nucleus_value`` over each nucleus.
+    """
+    dist, idx, lut, positions = _nearest_source(nuclei)
+    if lut is None:  # no nucleus pixel: every compartment is empty
+        zeros = np.zeros((1 + len(bands), n))
+        return zeros, zeros.copy(), np.zeros(n)
+    # each pixel's interval: 0 on the nucleus, else 1 + the number of edges below its distance
+    edges = sorted({float(e) for e in np.float32([e for band in bands for e in band]) if e > 0})
+    m = len(edges) + 2
+    code = np.greater(dist, 0).view(np.uint8)
+    above = np.empty(dist.shape, bool)
+    for e in edges:  # Python floats: compared in float32, as ``dist <= hi`` would be
+        code += np.greater(dist, e, out=above)
+    key = np.take(lut.astype(np.intp) * m, idx).ravel()
+    key += code.ravel()
+    size = (n + 1) * m
+    counts = np.bincount(key, minlength=size)[:size].reshape(n + 1, m)[1:].T
+    sums = np.bincount(key, weights=value, minlength=size)[:size].reshape(n + 1, m)[1:].T
+    # labelled pixels in raster order, as over the whole image: the same sums
+    nuc_sums = np.bincount(lut[1:], weights=nucleus_value[positions], minlength=n + 1)[1 : n + 1]
+
+    def band(table: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        lo32, hi32 = float(np.float32(lo)), float(np.float32(hi))
+        first = 1 + sum(e <= lo32 for e in edges)  # d > lo: every edge at or below lo is below d
+        last = 1 + sum(e < hi32 for e in edges)  # d <= hi: no edge at or above hi is below d
+        if hi32 <= 0 or last < first:
+            return np.zeros(table.shape[1], table.dtype)
+        return table[first : last + 1].sum(axis=0)
+
+    counts_out = np.stack([counts[0]] + [band(counts, lo, hi) for lo, hi in bands])
+    sums_out = np.stack([sums[0]] + [band(sums, lo, hi) for lo, hi in bands])
+    return counts_out.astype(np.float64), sums_out, nuc_sums
 
 
 def measure_cells(
@@ -275,10 +376,11 @@ def measure_cells(
         out["dab_od_surround"] = np.zeros(0, np.float32)
         out["cell_area_um2"] = np.zeros(0, np.float32)
         return validate_cells(out)
-    hem = np.ascontiguousarray(conc[..., 0])
-    dab = np.ascontiguousarray(conc[..., 1])
+    pixels = conc.reshape(-1, 3)
+    hem, dab = pixels[:, 0], pixels[:, 1]  # strided views: bincount reads them as float64
     if nuclei is None:
-        signal = hem + dab if rule.measure == "nucleus" else hem.copy()
+        hem_img = np.ascontiguousarray(conc[..., 0])
+        signal = hem_img + conc[..., 1] if rule.measure == "nucleus" else hem_img
         sigma = _SMOOTH_SIGMA_UM / mpp
         signal = cv2.GaussianBlur(signal, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
         xy = table[["x", "y"]].to_numpy(np.float64)
@@ -291,20 +393,22 @@ def measure_cells(
             )
         if not np.issubdtype(nuclei.dtype, np.integer):
             raise ConfigError(f"nuclei must be an integer label image, got {nuclei.dtype}")
-        nuclei = np.where((nuclei > 0) & (nuclei <= n), nuclei, 0).astype(np.int32)
-    dist, near = nearest_label(nuclei)
+        in_range = nuclei.dtype == np.int32 and (
+            nuclei.size == 0 or (nuclei.min() >= 0 and nuclei.max() <= n)
+        )
+        if not in_range:  # labels outside 1..n are no nucleus
+            nuclei = np.where((nuclei > 0) & (nuclei <= n), nuclei, 0).astype(np.int32)
     exp_px = rule.expansion_um / mpp
     mem_px = rule.membrane_width_um / mpp
-    outer = dist > 0
-    cyto = np.where(outer & (dist <= exp_px), near, 0)
-    ring = np.where(outer & (dist <= min(mem_px, exp_px)), near, 0)
     s0, s1 = mem_px + _SURROUND_UM[0] / mpp, mem_px + _SURROUND_UM[1] / mpp
-    surround = np.where((dist > s0) & (dist <= s1), near, 0)
-    n_area, (h_nuc, d_nuc) = _means(nuclei, [hem, dab], n)
-    _, (d_ring,) = _means(ring, [dab], n)
-    n_cyto, (d_cyto,) = _means(cyto, [dab], n)
-    _, (d_sur,) = _means(surround, [dab], n)
+    # nucleus, membrane ring, cytoplasm (the expansion), surround: counts and sums per cell
+    counts, d_sum, h_sum = _compartment_sums(
+        nuclei, dab, hem, n, [(0.0, min(mem_px, exp_px)), (0.0, exp_px), (s0, s1)]
+    )
+    n_area, _, n_cyto, _ = counts
     with np.errstate(invalid="ignore", divide="ignore"):
+        h_nuc = h_sum / n_area
+        d_nuc, d_ring, d_cyto, d_sur = d_sum / counts
         total = n_area + n_cyto
         d_cell = (np.nan_to_num(d_nuc) * n_area + np.nan_to_num(d_cyto) * n_cyto) / total
     out = table.copy()
