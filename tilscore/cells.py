@@ -54,6 +54,7 @@ _SMOOTH_SIGMA_UM = 0.75  # smoothing of the segmentation signal
 _FOREGROUND_OD = 0.08  # absolute floor of a nucleus pixel's smoothed OD
 _PEAK_FRACTION = 0.5  # a nucleus pixel is at least this fraction of its centre's OD
 _SURROUND_UM = (1.0, 4.0)  # surround band beyond the membrane ring, µm
+_BLOCK_PX = 1 << 17  # pixels per block of the per-pixel steps after a distance transform
 
 
 def validate_cells(df: pd.DataFrame) -> pd.DataFrame:
@@ -135,34 +136,53 @@ def _check_mpp(mpp: Any) -> float:
     return check_positive(mpp, "mpp (µm per px)")
 
 
-def _distance_transform(src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _distance_transform(
+    src: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """OpenCV's Euclidean distance transform of ``src`` (uint8, 0 = source pixel).
 
-    Returns the float32 distance in px and, for every pixel, the number of its nearest source
-    pixel (OpenCV numbers the source pixels 1, 2, ... in raster order).
+    Returns the float32 distance in px and, for every pixel, the int32 number of its nearest
+    source pixel (OpenCV numbers the source pixels 1, 2, ... in raster order). ``out``: arrays
+    of that shape and dtype to write them into.
     """
     import cv2
 
+    dist, idx = out if out is not None else (None, None)
     return cv2.distanceTransformWithLabels(
-        src, cv2.DIST_L2, cv2.DIST_MASK_PRECISE, labelType=cv2.DIST_LABEL_PIXEL
+        src,
+        cv2.DIST_L2,
+        cv2.DIST_MASK_PRECISE,
+        dst=dist,
+        labels=idx,
+        labelType=cv2.DIST_LABEL_PIXEL,
     )
 
 
-def _source_lut(idx: np.ndarray, positions: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Table from a source pixel's number in ``idx`` to ``values`` (0 at index 0).
+def _source_lut(
+    idx: np.ndarray, values: np.ndarray, first: int, last: int, positions
+) -> np.ndarray:
+    """Table from a source pixel's number in ``idx`` to its label ``values`` (0 at index 0).
 
-    ``positions`` are the flat indices of the source pixels in raster order, ``values`` their
-    labels. OpenCV numbers source pixels in raster order, so the table is ``values`` itself;
-    that is checked at the first and last source pixel, and the numbers are read at every
-    source pixel otherwise.
+    ``values`` are the source pixels' labels in raster order, ``first`` and ``last`` the flat
+    indices of the first and last source pixel. OpenCV numbers the source pixels in raster
+    order, so the table is ``values`` itself; that is checked at the first and last source
+    pixel, and otherwise the numbers are read at every source pixel (``positions()``: their
+    flat indices).
     """
     lut = np.zeros(len(values) + 1, values.dtype)
     flat = idx.ravel()
-    if flat[positions[0]] == 1 and flat[positions[-1]] == len(values):
+    if flat[first] == 1 and flat[last] == len(values):
         lut[1:] = values
     else:  # pragma: no cover - a numbering other than OpenCV's
-        lut[flat[positions]] = values
+        lut[flat[positions()]] = values
     return lut
+
+
+def _row_blocks(h: int, w: int):
+    """Row slices of about :data:`_BLOCK_PX` pixels: per-pixel steps run block by block, so
+    that their temporaries stay small (in cache, and reused rather than fresh pages)."""
+    rows = max(1, _BLOCK_PX // max(w, 1))
+    return [slice(y, min(y + rows, h)) for y in range(0, h, rows)], rows
 
 
 def nearest_label(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -180,29 +200,29 @@ def nearest_label(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     nearest : numpy.ndarray
         (H, W) int32 label of that pixel (0 where the image holds no label at all).
     """
-    dist, idx, lut, _ = _nearest_source(labels)
+    dist, idx, lut = _nearest_source(labels)
     if lut is None:
         return dist, idx
     return dist, np.take(lut.astype(np.int32, copy=False), idx)
 
 
 def _nearest_source(
-    labels: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
-    """:func:`nearest_label` before the final look-up.
-
-    Returns the distance, the source pixel number, the number -> label table (None, with
-    distance inf and number 0 everywhere, when nothing is labelled) and the flat indices of the
-    labelled pixels in raster order.
-    """
+    labels: np.ndarray, out: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`nearest_label` before the final look-up: the distance, the number of the nearest
+    labelled pixel and the number -> label table (None, with distance inf and number 0
+    everywhere, when nothing is labelled). ``out``: see :func:`_distance_transform`."""
     fg = labels != 0
-    positions = np.flatnonzero(fg)
-    if not len(positions):
-        empty = np.full(labels.shape, np.inf, np.float32), np.zeros(labels.shape, np.int32)
-        return *empty, None, positions
+    values = labels[fg]  # the labelled pixels in raster order
+    if not len(values):
+        return np.full(labels.shape, np.inf, np.float32), np.zeros(labels.shape, np.int32), None
+    flat_fg = fg.ravel()
+    first = int(np.argmax(flat_fg))
+    last = flat_fg.size - 1 - int(np.argmax(flat_fg[::-1]))
     src = np.logical_not(fg, out=fg).view(np.uint8)  # 0 on labels, 1 elsewhere
-    dist, idx = _distance_transform(src)
-    return dist, idx, _source_lut(idx, positions, labels.ravel()[positions]), positions
+    dist, idx = _distance_transform(src, out)
+    lut = _source_lut(idx, values, first, last, lambda: np.flatnonzero(labels))
+    return dist, idx, lut
 
 
 def segment_nuclei(
@@ -238,10 +258,23 @@ def segment_nuclei(
     numpy.ndarray
         (H, W) int32 labels, label i + 1 = centre i (0 = no nucleus).
     """
+    return _segment_nuclei(centres_xy, signal, mpp, max_radius_um, foreground_od, peak_fraction)[0]
+
+
+def _segment_nuclei(
+    centres_xy: np.ndarray,
+    signal: np.ndarray,
+    mpp: float,
+    max_radius_um: float = _NUCLEUS_MAX_RADIUS_UM,
+    foreground_od: float = _FOREGROUND_OD,
+    peak_fraction: float = _PEAK_FRACTION,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    """:func:`segment_nuclei`, and its distance transform's arrays (None without centres),
+    which a caller may reuse as scratch space."""
     h, w = signal.shape
     n = len(centres_xy)
     if n == 0:
-        return np.zeros((h, w), np.int32)
+        return np.zeros((h, w), np.int32), None
     cx = np.clip(np.floor(centres_xy[:, 0]).astype(np.int64), 0, w - 1)
     cy = np.clip(np.floor(centres_xy[:, 1]).astype(np.int64), 0, h - 1)
     # centre pixels in raster order and their labels (duplicates: the last centre wins)
@@ -251,16 +284,24 @@ def segment_nuclei(
     src = np.ones((h, w), np.uint8)
     src.ravel()[positions] = 0
     dist, idx = _distance_transform(src)
-    lut = _source_lut(idx, positions, lab)
+    lut = _source_lut(idx, lab, positions[0], positions[-1], lambda: positions)
     peak = signal.ravel()[positions]
     floor = np.zeros(len(lut), np.float32)  # index 0 is never used: every pixel has a centre
     floor[1:] = np.maximum(foreground_od, peak_fraction * peak)
-    keep = signal >= np.take(floor, idx)
-    keep &= dist <= max_radius_um / mpp
-    out = np.take(lut, idx)
-    out *= keep
+    radius = max_radius_um / mpp  # a Python float: compared in float32
+    out = np.empty((h, w), np.int32)
+    blocks, rows = _row_blocks(h, w)
+    floor_px = np.empty((rows, w), np.float32)
+    keep, near = np.empty((rows, w), bool), np.empty((rows, w), bool)
+    for ys in blocks:
+        r = ys.stop - ys.start
+        np.take(floor, idx[ys], out=floor_px[:r], mode="clip")
+        np.greater_equal(signal[ys], floor_px[:r], out=keep[:r])
+        keep[:r] &= np.less_equal(dist[ys], radius, out=near[:r])
+        np.take(lut, idx[ys], out=out[ys], mode="clip")
+        out[ys] *= keep[:r]
     out.ravel()[positions] = lab
-    return out
+    return out, (dist, idx)
 
 
 def _compartment_sums(
@@ -269,13 +310,14 @@ def _compartment_sums(
     nucleus_value: np.ndarray,
     n: int,
     bands: list[tuple[float, float]],
+    scratch: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pixel counts and sums per cell over its nucleus and distance bands around it.
 
     Every pixel belongs to the cell of its nearest nucleus pixel, at distance ``d`` (px, 0 on
     the nucleus). The compartments are the nucleus (``d == 0``) and one band per ``(lo, hi)``:
     ``lo < d <= hi``, compared in float32. They all come from one distance transform and one
-    ``bincount`` over the image: a pixel's key is its cell and the interval between
+    ``bincount`` pass over the image: a pixel's key is its cell and the interval between
     consecutive band edges that holds its distance, and a band adds up its intervals.
 
     Parameters
@@ -283,13 +325,15 @@ def _compartment_sums(
     nuclei
         (H, W) int32 labels 0..n.
     value
-        (H * W,) float values summed over every compartment (e.g. DAB OD).
+        (H, W) float values summed over every compartment (e.g. DAB OD).
     nucleus_value
-        (H * W,) float values summed over the nucleus only (e.g. hematoxylin OD).
+        (H, W) float values summed over the nucleus only (e.g. hematoxylin OD).
     n
         Number of cells (labels 1..n).
     bands
         ``(lo, hi)`` distance bands in px, ``0 <= lo``.
+    scratch
+        Optional (H, W) float32 and int32 arrays for the distance transform to write into.
 
     Returns
     -------
@@ -298,24 +342,38 @@ def _compartment_sums(
     nucleus_sums : numpy.ndarray
         (n,) float64 sums of ``nucleus_value`` over each nucleus.
     """
-    dist, idx, lut, positions = _nearest_source(nuclei)
+    dist, idx, lut = _nearest_source(nuclei, scratch)
     if lut is None:  # no nucleus pixel: every compartment is empty
         zeros = np.zeros((1 + len(bands), n))
         return zeros, zeros.copy(), np.zeros(n)
     # each pixel's interval: 0 on the nucleus, else 1 + the number of edges below its distance
     edges = sorted({float(e) for e in np.float32([e for band in bands for e in band]) if e > 0})
     m = len(edges) + 2
-    code = np.greater(dist, 0).view(np.uint8)
-    above = np.empty(dist.shape, bool)
-    for e in edges:  # Python floats: compared in float32, as ``dist <= hi`` would be
-        code += np.greater(dist, e, out=above)
-    key = np.take(lut.astype(np.intp) * m, idx).ravel()
-    key += code.ravel()
     size = (n + 1) * m
-    counts = np.bincount(key, minlength=size)[:size].reshape(n + 1, m)[1:].T
-    sums = np.bincount(key, weights=value, minlength=size)[:size].reshape(n + 1, m)[1:].T
-    # labelled pixels in raster order, as over the whole image: the same sums
-    nuc_sums = np.bincount(lut[1:], weights=nucleus_value[positions], minlength=n + 1)[1 : n + 1]
+    key_lut = lut.astype(np.intp) * m
+    counts = np.zeros(size, np.intp)
+    sums, nuc_sums = np.zeros(size), np.zeros(size)
+    h, w = dist.shape
+    blocks, rows = _row_blocks(h, w)
+    code, above = np.empty((rows, w), np.uint8), np.empty((rows, w), bool)
+    key = np.empty((rows, w), np.intp)
+    val, nuc_val = np.empty((rows, w)), np.empty((rows, w))  # float64, as bincount reads them
+    for ys in blocks:
+        r = ys.stop - ys.start
+        d, c, k = dist[ys], code[:r], key[:r]
+        np.greater(d, 0, out=c.view(bool))
+        for e in edges:  # Python floats: compared in float32, as ``dist <= hi`` would be
+            c += np.greater(d, e, out=above[:r])
+        np.take(key_lut, idx[ys], out=k, mode="clip")
+        k += c
+        flat = k.ravel()
+        counts += np.bincount(flat, minlength=size)[:size]
+        np.copyto(val[:r], value[ys])
+        np.copyto(nuc_val[:r], nucleus_value[ys])
+        sums += np.bincount(flat, weights=val[:r].ravel(), minlength=size)[:size]
+        nuc_sums += np.bincount(flat, weights=nuc_val[:r].ravel(), minlength=size)[:size]
+    counts = counts.reshape(n + 1, m)[1:].T
+    sums = sums.reshape(n + 1, m)[1:].T
 
     def band(table: np.ndarray, lo: float, hi: float) -> np.ndarray:
         lo32, hi32 = float(np.float32(lo)), float(np.float32(hi))
@@ -327,7 +385,7 @@ def _compartment_sums(
 
     counts_out = np.stack([counts[0]] + [band(counts, lo, hi) for lo, hi in bands])
     sums_out = np.stack([sums[0]] + [band(sums, lo, hi) for lo, hi in bands])
-    return counts_out.astype(np.float64), sums_out, nuc_sums
+    return counts_out.astype(np.float64), sums_out, nuc_sums.reshape(n + 1, m)[1:, 0]
 
 
 def measure_cells(
@@ -376,15 +434,14 @@ def measure_cells(
         out["dab_od_surround"] = np.zeros(0, np.float32)
         out["cell_area_um2"] = np.zeros(0, np.float32)
         return validate_cells(out)
-    pixels = conc.reshape(-1, 3)
-    hem, dab = pixels[:, 0], pixels[:, 1]  # strided views: bincount reads them as float64
+    scratch = None
     if nuclei is None:
         hem_img = np.ascontiguousarray(conc[..., 0])
         signal = hem_img + conc[..., 1] if rule.measure == "nucleus" else hem_img
         sigma = _SMOOTH_SIGMA_UM / mpp
         signal = cv2.GaussianBlur(signal, (0, 0), sigma, borderType=cv2.BORDER_REFLECT)
         xy = table[["x", "y"]].to_numpy(np.float64)
-        nuclei = segment_nuclei(xy, signal, mpp)
+        nuclei, scratch = _segment_nuclei(xy, signal, mpp)
     else:
         if not isinstance(nuclei, np.ndarray) or nuclei.shape != (h, w):
             raise ConfigError(
@@ -402,8 +459,9 @@ def measure_cells(
     mem_px = rule.membrane_width_um / mpp
     s0, s1 = mem_px + _SURROUND_UM[0] / mpp, mem_px + _SURROUND_UM[1] / mpp
     # nucleus, membrane ring, cytoplasm (the expansion), surround: counts and sums per cell
+    bands = [(0.0, min(mem_px, exp_px)), (0.0, exp_px), (s0, s1)]
     counts, d_sum, h_sum = _compartment_sums(
-        nuclei, dab, hem, n, [(0.0, min(mem_px, exp_px)), (0.0, exp_px), (s0, s1)]
+        nuclei, conc[..., 1], conc[..., 0], n, bands, scratch=scratch
     )
     n_area, _, n_cyto, _ = counts
     with np.errstate(invalid="ignore", divide="ignore"):
