@@ -54,7 +54,7 @@ _SMOOTH_SIGMA_UM = 0.75  # smoothing of the segmentation signal
 _FOREGROUND_OD = 0.08  # absolute floor of a nucleus pixel's smoothed OD
 _PEAK_FRACTION = 0.5  # a nucleus pixel is at least this fraction of its centre's OD
 _SURROUND_UM = (1.0, 4.0)  # surround band beyond the membrane ring, µm
-_BLOCK_PX = 1 << 17  # pixels per block of the per-pixel steps after a distance transform
+_BLOCK_PX = 1 << 16  # pixels per block of the per-pixel steps after a distance transform
 
 
 def validate_cells(df: pd.DataFrame) -> pd.DataFrame:
