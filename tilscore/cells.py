@@ -15,8 +15,10 @@ surround        a band 1-4 µm beyond the membrane ring (still nearest to this c
                 brown surroundings mark extended DAB structures such as nerves
 ==============  =====================================================================
 
-Everything is vectorised: two OpenCV distance transforms with nearest-pixel labels and a few
-``numpy.bincount`` calls over the whole image, whatever the number of cells.
+Everything is vectorised, whatever the number of cells: two OpenCV distance transforms with
+nearest-pixel labels (one from the centres, one from the nucleus pixels), then one pass over the
+image in row blocks that gives every pixel a key (its cell and distance interval) and sums the
+keys with ``numpy.bincount``; each compartment adds up its intervals.
 """
 
 from __future__ import annotations
