@@ -284,7 +284,9 @@ class SlideResult:
         )[:h, :w]
         big = np.pad(big, ((0, h - big.shape[0]), (0, w - big.shape[1])))
         colour = cv2.applyColorMap((big * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)[..., ::-1]
-        alpha = np.where(big > 0, 0.75, 0.0)[..., None]
+        # coloured where cells were counted (zero density included); elsewhere no data
+        scored = _raster(self.compartments.geometries["tissue"], ds, (h, w))
+        alpha = np.where(scored, 0.75, 0.0)[..., None]
         out = (base * (1 - alpha) + colour * alpha).astype(np.uint8)
         img = Image.fromarray(out)
         draw = ImageDraw.Draw(img, "RGBA")
@@ -292,11 +294,13 @@ class SlideResult:
         bar = cv2.applyColorMap(
             np.linspace(0, 255, 200).astype(np.uint8)[None].repeat(12, 0), cv2.COLORMAP_INFERNO
         )[..., ::-1]
-        img.paste(Image.fromarray(np.ascontiguousarray(bar)), (10, h - 40))
+        img.paste(Image.fromarray(np.ascontiguousarray(bar)), (10, h - 42))
+        # ASCII units: Pillow's built-in font has no "²" or "µ"
         draw.text(
             (10, h - 26),
-            f"0 - {vmax:.0f} {self.marker}+ cells/mm² ({cell_um:.0f} µm bins)",
+            f"0 - {vmax:.0f} {self.marker}+ cells per mm2 ({cell_um:.0f} um bins)",
             fill=(0, 0, 0, 255),
+            font=_font(),
         )
         return np.asarray(img)
 
@@ -418,13 +422,41 @@ def _draw_geom(draw: Any, geom: Any, ds: float, colour: tuple[int, int, int], wi
                 draw.line(xy, fill=(*colour, 255), width=width)
 
 
+def _raster(geom: Any, ds: float, shape: tuple[int, int]) -> np.ndarray:
+    """Bool mask of a (multi)polygon in level-0 px on an image downsampled by ``ds``."""
+    import cv2
+
+    out = np.zeros(shape, np.uint8)
+    if geom is None or geom.is_empty:
+        return out.astype(bool)
+    polys = geom.geoms if hasattr(geom, "geoms") else [geom]
+    for p in polys:
+        if p.geom_type != "Polygon":
+            continue
+        shell = np.round(np.asarray(p.exterior.coords) / ds).astype(np.int32)
+        cv2.fillPoly(out, [shell], 1)
+        holes = [np.round(np.asarray(r.coords) / ds).astype(np.int32) for r in p.interiors]
+        if holes:
+            cv2.fillPoly(out, holes, 0)
+    return out.astype(bool)
+
+
+def _font(size: int = 16) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the bitmap font
+        return ImageFont.load_default()
+
+
 def _legend(draw: Any, items: list[tuple[str, tuple[int, int, int]]]) -> None:
     y = 8
-    draw.rectangle([4, 4, 150, 8 + 16 * len(items)], fill=(255, 255, 255, 200))
+    draw.rectangle([4, 4, 190, 10 + 20 * len(items)], fill=(255, 255, 255, 210))
     for label, colour in items:
-        draw.rectangle([8, y + 2, 18, y + 12], fill=(*colour, 255))
-        draw.text((24, y), label, fill=(0, 0, 0, 255))
-        y += 16
+        draw.rectangle([8, y + 3, 20, y + 15], fill=(*colour, 255))
+        draw.text((26, y), label, fill=(0, 0, 0, 255), font=_font())
+        y += 20
 
 
 def _png_b64(image: np.ndarray) -> str:
@@ -524,7 +556,7 @@ compartment.</p>
 _CAPTIONS = {
     "overlay": "Compartments (red: tumour nests, green: stroma, yellow: invasive margin) and "
     "positive cells.",
-    "heatmap": "Density of positive cells per mm².",
+    "heatmap": "Density of positive cells per mm² over the scored tissue (uncoloured: not scored).",
 }
 
 
