@@ -44,14 +44,18 @@ _LAZY = {
     "score_image": "score",
     "score_slide": "score",
     "run_batch": "batch",
+    "run_cohort": "cohort",
+    "register_slides": "register",
     "BatchReport": "batch",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .batch import BatchReport, run_batch
+    from .cohort import run_cohort
     from .config import Config, load_config
     from .detect import detect_cells
     from .regions import RegionSet, load_regions
+    from .register import register_slides
     from .score import SlideResult, iter_score_slide, score_image, score_slide
     from .slide import Slide, open_slide
     from .stain import (
@@ -102,7 +106,9 @@ __all__ = [
     "load_regions",
     "open_slide",
     "reconstruct",
+    "register_slides",
     "run_batch",
+    "run_cohort",
     "score_image",
     "score_slide",
     "tissue_mask",
