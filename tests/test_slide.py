@@ -202,8 +202,21 @@ def test_compressions_round_trip(
 
 def test_jpeg_rgb_photometric_and_ycbcr_agree(tmp_path: Path, rgb: np.ndarray) -> None:
     write_pyramid(tmp_path / "ycbcr.tif", rgb, compression="jpeg", levels=1)
-    write_pyramid(tmp_path / "rgb.tif", rgb, compression="jpeg", photometric="rgb", levels=1)
-    assert tifffile.TiffFile(tmp_path / "ycbcr.tif").pages[0].photometric == 6
+    # tifffile stores JPEG as YCbCr unless told to keep RGB (Aperio's photometric-RGB tiles)
+    tifffile.imwrite(
+        tmp_path / "rgb.tif",
+        rgb,
+        tile=(64, 64),
+        photometric="rgb",
+        compression="jpeg",
+        compressionargs={"outcolorspace": "RGB"},
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+    )
+    with tifffile.TiffFile(tmp_path / "ycbcr.tif") as tif:
+        assert tif.pages[0].photometric == 6
+    with tifffile.TiffFile(tmp_path / "rgb.tif") as tif:
+        assert tif.pages[0].photometric == 2
     for name in ("ycbcr.tif", "rgb.tif"):
         with open_slide(tmp_path / name) as slide:
             got = slide.read_region(0, 0, 520, 600)
