@@ -666,9 +666,9 @@ def auto_regions(
     """Tumour nests and tumour bed from the detector's nucleus classes.
 
     Nests are where tumour-class nuclei are dense (smoothed density at least
-    ``min_density_per_mm2``) and dominate (at least ``min_tumour_fraction`` of all nuclei); the
-    bed is the nests closed over ``bed_margin_um`` (the stroma between nests), holes filled,
-    within tissue.
+    ``min_density_per_mm2``) and dominate (at least ``min_tumour_fraction`` of all nuclei). Nests
+    closer than twice ``bed_margin_um`` form a group, and the bed is each group's convex hull
+    within tissue (the stroma between and around the nests of one tumour focus).
 
     Parameters
     ----------
@@ -715,6 +715,11 @@ def auto_regions(
     bed = ndimage.binary_fill_holes(bed)
     nests_g = TissueMask(nest, mpp=grid_um, downsample=ds).polygons(simplify_px=0.5)
     bed_g = TissueMask(bed, mpp=grid_um, downsample=ds).polygons(simplify_px=0.5)
+    # each group of nests (closer than twice bed_margin_um) spans its convex hull: the stroma
+    # between and around a group's nests belongs to its bed, not only the gaps the closing fills
+    if not bed_g.is_empty:
+        groups = bed_g.geoms if bed_g.geom_type == "MultiPolygon" else [bed_g]
+        bed_g = _polygonal(shapely.union_all([shapely.convex_hull(grp) for grp in groups]))
     if tissue is not None and not tissue.is_empty:
         nests_g = _polygonal(shapely.intersection(nests_g, tissue))
         bed_g = _polygonal(shapely.intersection(bed_g, tissue))
