@@ -108,8 +108,25 @@ def test_areas_and_ring_are_in_microns_whatever_the_pixel_size(mpp):
     assert cells["nucleus_area_um2"].iloc[0] == pytest.approx(math.pi * 16, rel=0.12)
     assert cells["h_od_nucleus"].iloc[0] == pytest.approx(0.8, abs=0.05)
     assert cells["dab_od_membrane"].iloc[0] == pytest.approx(0.5, abs=0.1)
+    assert cells["dab_ring_coverage"].iloc[0] == pytest.approx(1.0, abs=0.1)
     assert cells["dab_od_nucleus"].iloc[0] == pytest.approx(0.0, abs=1e-6)
     assert cells["x_um"].iloc[0] == pytest.approx(20.0, abs=mpp)
+
+
+def test_ring_coverage_is_low_when_only_a_neighbour_s_side_is_brown():
+    mpp = 0.5
+    conc, centre = _disc_image(mpp)
+    n = conc.shape[0]
+    xx = (np.arange(n) + 0.5) * mpp
+    # a brown blob touching the cell on its right: only the ring's right part is stained
+    conc[..., 1] = np.where(xx[None, :] > 20 + 3.5, 1.2, 0.0)
+    rule = get_marker("CD8", membrane_width_um=1.0)
+    cells = measure_cells(centre, conc, mpp, rule)
+    assert cells["dab_ring_coverage"].iloc[0] < 0.5
+    # the ring mean alone would still call it positive
+    assert cells["dab_od_membrane"].iloc[0] >= rule.threshold_od
+    called = classify_cells(cells, rule.with_overrides(min_ring_coverage=0.5))
+    assert not called["positive"].iloc[0]
 
 
 def test_a_given_nucleus_label_image_is_used_as_is():

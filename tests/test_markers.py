@@ -49,6 +49,9 @@ def test_get_marker_is_case_insensitive_and_unknown_names_list_the_known_ones():
         ("measure", "halo"),
         ("cell_classes", ("macrophage",)),
         ("max_surround_ratio", math.nan),
+        ("min_ring_coverage", -0.1),
+        ("min_ring_coverage", 1.5),
+        ("min_ring_coverage", "most"),
     ],
 )
 def test_bad_overrides_raise_config_errors_naming_the_field(field, value):
@@ -126,6 +129,25 @@ def test_cd56_rejects_cells_in_brown_surroundings():
     rule = get_marker("CD56")
     cells = _table(dab_od_membrane=[0.3, 0.3], dab_od_surround=[0.02, 0.28])
     assert classify_cells(cells, rule)["positive"].tolist() == [True, False]
+
+
+def test_min_ring_coverage_rejects_one_sided_rings_and_round_trips():
+    rule = get_marker("CD8", min_ring_coverage=0.5)
+    assert rule.min_ring_coverage == 0.5
+    assert MarkerRule.from_dict(rule.to_dict()) == rule
+    cells = _table(dab_od_membrane=[0.3, 0.3, 0.3], dab_ring_coverage=[0.95, 0.3, np.nan])
+    assert classify_cells(cells, rule)["positive"].tolist() == [True, False, False]
+    off = get_marker("CD8", min_ring_coverage=None)
+    assert classify_cells(cells, off)["positive"].tolist() == [True, True, True]
+    # a table measured before the column existed is classified without the check
+    old = cells.drop(columns="dab_ring_coverage")
+    assert classify_cells(old, rule)["positive"].tolist() == [True, True, True]
+
+
+def test_min_ring_coverage_can_be_set_in_toml(tmp_path):
+    path = tmp_path / "markers.toml"
+    path.write_text("[markers.CD8]\nmin_ring_coverage = 0.4\n")
+    assert load_marker_config(path)["CD8"].min_ring_coverage == 0.4
 
 
 def test_classify_cells_needs_the_measured_column():

@@ -15,6 +15,10 @@ surround        a band 1-4 µm beyond the membrane ring (still nearest to this c
                 brown surroundings mark extended DAB structures such as nerves
 ==============  =====================================================================
 
+``dab_ring_coverage`` is the fraction of the membrane ring's pixels whose DAB OD exceeds
+:data:`RING_COVERAGE_OD`: about 1 for a membrane stained all round, lower for a cell that
+touches a brown neighbour on one side only.
+
 Everything is vectorised, whatever the number of cells: two OpenCV distance transforms with
 nearest-pixel labels (one from the centres, one from the nucleus pixels), then one pass over the
 image in row blocks that gives every pixel a key (its cell and distance interval) and sums the
@@ -49,13 +53,20 @@ CELL_COLUMNS: dict[str, str] = {
     "intensity_bin": "int8",
 }
 #: measured columns beyond the required ones (kept when present)
-OPTIONAL_COLUMNS: dict[str, str] = {"dab_od_surround": "float32", "cell_area_um2": "float32"}
+OPTIONAL_COLUMNS: dict[str, str] = {
+    "dab_od_surround": "float32",
+    "cell_area_um2": "float32",
+    "dab_ring_coverage": "float32",
+}
 
 _NUCLEUS_MAX_RADIUS_UM = 10.0  # largest nucleus radius searched around a centre
 _SMOOTH_SIGMA_UM = 0.75  # smoothing of the segmentation signal
 _FOREGROUND_OD = 0.08  # absolute floor of a nucleus pixel's smoothed OD
 _PEAK_FRACTION = 0.5  # a nucleus pixel is at least this fraction of its centre's OD
 _SURROUND_UM = (1.0, 4.0)  # surround band beyond the membrane ring, µm
+#: DAB OD above which a ring pixel counts as stained for ``dab_ring_coverage`` (the ring
+#: threshold with true nuclei, half the CD8 preset's: see tilscore.markers)
+RING_COVERAGE_OD = 0.07
 _BLOCK_PX = 1 << 16  # pixels per block of the per-pixel steps after a distance transform
 
 
@@ -313,7 +324,8 @@ def _compartment_sums(
     n: int,
     bands: list[tuple[float, float]],
     scratch: tuple[np.ndarray, np.ndarray] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    flag: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pixel counts and sums per cell over its nucleus and distance bands around it.
 
     Every pixel belongs to the cell of its nearest nucleus pixel, at distance ``d`` (px, 0 on
@@ -336,6 +348,8 @@ def _compartment_sums(
         ``(lo, hi)`` distance bands in px, ``0 <= lo``.
     scratch
         Optional (H, W) float32 and int32 arrays for the distance transform to write into.
+    flag
+        Optional (H, W) bool image whose True pixels are counted per compartment too.
 
     Returns
     -------
@@ -343,11 +357,13 @@ def _compartment_sums(
         (1 + len(bands), n) float64 pixel counts and sums of ``value``: nucleus, then each band.
     nucleus_sums : numpy.ndarray
         (n,) float64 sums of ``nucleus_value`` over each nucleus.
+    flag_counts : numpy.ndarray
+        (1 + len(bands), n) float64 counts of ``flag`` pixels (zeros without ``flag``).
     """
     dist, idx, lut = _nearest_source(nuclei, scratch)
     if lut is None:  # no nucleus pixel: every compartment is empty
         zeros = np.zeros((1 + len(bands), n))
-        return zeros, zeros.copy(), np.zeros(n)
+        return zeros, zeros.copy(), np.zeros(n), zeros.copy()
     # each pixel's interval: 0 on the nucleus, else 1 + the number of edges below its distance
     edges = sorted({float(e) for e in np.float32([e for band in bands for e in band]) if e > 0})
     m = len(edges) + 2
@@ -355,6 +371,7 @@ def _compartment_sums(
     key_lut = lut.astype(np.intp) * m
     counts = np.zeros(size, np.intp)
     sums, nuc_sums = np.zeros(size), np.zeros(size)
+    flag_counts = np.zeros(size, np.intp)
     h, w = dist.shape
     blocks, rows = _row_blocks(h, w)
     code, above = np.empty((rows, w), np.uint8), np.empty((rows, w), bool)
@@ -374,8 +391,12 @@ def _compartment_sums(
         np.copyto(nuc_val[:r], nucleus_value[ys])
         sums += np.bincount(flat, weights=val[:r].ravel(), minlength=size)[:size]
         nuc_sums += np.bincount(flat, weights=nuc_val[:r].ravel(), minlength=size)[:size]
+        if flag is not None:
+            flagged = flat[flag[ys].ravel()]
+            flag_counts += np.bincount(flagged, minlength=size)[:size]
     counts = counts.reshape(n + 1, m)[1:].T
     sums = sums.reshape(n + 1, m)[1:].T
+    flag_counts = flag_counts.reshape(n + 1, m)[1:].T
 
     def band(table: np.ndarray, lo: float, hi: float) -> np.ndarray:
         lo32, hi32 = float(np.float32(lo)), float(np.float32(hi))
@@ -387,7 +408,9 @@ def _compartment_sums(
 
     counts_out = np.stack([counts[0]] + [band(counts, lo, hi) for lo, hi in bands])
     sums_out = np.stack([sums[0]] + [band(sums, lo, hi) for lo, hi in bands])
-    return counts_out.astype(np.float64), sums_out, nuc_sums.reshape(n + 1, m)[1:, 0]
+    flag_out = np.stack([flag_counts[0]] + [band(flag_counts, lo, hi) for lo, hi in bands])
+    nuc_out = nuc_sums.reshape(n + 1, m)[1:, 0]
+    return counts_out.astype(np.float64), sums_out, nuc_out, flag_out.astype(np.float64)
 
 
 def measure_cells(
@@ -418,7 +441,7 @@ def measure_cells(
     Returns
     -------
     pandas.DataFrame
-        The cells table (:data:`CELL_COLUMNS` plus ``dab_od_surround``), one row per centre in
+        The cells table (:data:`CELL_COLUMNS` plus :data:`OPTIONAL_COLUMNS`), one row per centre in
         the same order; ``x_um = x * mpp``. ``positive`` and ``intensity_bin`` are left False/0:
         call :func:`tilscore.markers.classify_cells`. Compartments without pixels (a cell
         squeezed by its neighbours) give NaN.
@@ -435,6 +458,7 @@ def measure_cells(
         out = table.copy()
         out["dab_od_surround"] = np.zeros(0, np.float32)
         out["cell_area_um2"] = np.zeros(0, np.float32)
+        out["dab_ring_coverage"] = np.zeros(0, np.float32)
         return validate_cells(out)
     scratch = None
     if nuclei is None:
@@ -462,13 +486,15 @@ def measure_cells(
     s0, s1 = mem_px + _SURROUND_UM[0] / mpp, mem_px + _SURROUND_UM[1] / mpp
     # nucleus, membrane ring, cytoplasm (the expansion), surround: counts and sums per cell
     bands = [(0.0, min(mem_px, exp_px)), (0.0, exp_px), (s0, s1)]
-    counts, d_sum, h_sum = _compartment_sums(
-        nuclei, conc[..., 1], conc[..., 0], n, bands, scratch=scratch
+    dab = conc[..., 1]
+    counts, d_sum, h_sum, stained = _compartment_sums(
+        nuclei, dab, conc[..., 0], n, bands, scratch=scratch, flag=dab > RING_COVERAGE_OD
     )
     n_area, _, n_cyto, _ = counts
     with np.errstate(invalid="ignore", divide="ignore"):
         h_nuc = h_sum / n_area
         d_nuc, d_ring, d_cyto, d_sur = d_sum / counts
+        coverage = stained[1] / counts[1]
         total = n_area + n_cyto
         d_cell = (np.nan_to_num(d_nuc) * n_area + np.nan_to_num(d_cyto) * n_cyto) / total
     out = table.copy()
@@ -481,6 +507,9 @@ def measure_cells(
     out["dab_od_cytoplasm"] = d_cyto
     out["dab_od_cell"] = d_cell
     out["dab_od_surround"] = d_sur
+    # fraction of the ring's pixels above RING_COVERAGE_OD: ~1 all round a stained membrane,
+    # low where only one side touches a brown neighbour
+    out["dab_ring_coverage"] = coverage
     # nucleus + expansion (limited by neighbours): the area a positive cell covers
     out["cell_area_um2"] = (n_area + n_cyto) * mpp * mpp
     out["positive"] = False
