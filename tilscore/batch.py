@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, TilscoreError, TilscoreWarning
+from .progress import run_to_end
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -1185,12 +1186,4 @@ def run_batch(
         processes=processes,
         force=force,
     )
-    try:
-        while True:
-            ev = next(gen)
-            if on_event is not None:
-                on_event(ev)
-    except StopIteration as stop:
-        return stop.value
-    finally:
-        gen.close()
+    return run_to_end(gen, on_event)

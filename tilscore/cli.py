@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import TilscoreError
+from .progress import run_to_end
 
 EXIT_BAD_INPUT = 2
 
@@ -399,13 +400,9 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     console = _console()
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("detecting", total=None)
-        while True:
-            try:
-                done, total = next(gen)
-            except StopIteration as stop:
-                cells, settings = stop.value
-                break
-            bar.update(task, completed=done, total=total)
+        cells, settings = run_to_end(
+            gen, lambda step: bar.update(task, completed=step[0], total=step[1])
+        )
     write_cells(cells, args.output)
     n_pos = int(cells["positive"].sum())
     pct = 100.0 * n_pos / len(cells) if len(cells) else 0.0
@@ -434,13 +431,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
     console = _console()
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("scoring", total=None)
-        while True:
-            try:
-                stage, done, total = next(gen)
-            except StopIteration as stop:
-                result = stop.value
-                break
-            bar.update(task, description=stage, completed=done, total=total)
+        result = run_to_end(
+            gen,
+            lambda step: bar.update(task, description=step[0], completed=step[1], total=step[2]),
+        )
     files = result.save(args.output, config)
     print_summary(result, console)
     console.print(f"wrote {len(files)} files to {args.output}; open {files.get('report', '')}")

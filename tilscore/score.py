@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import RegionError, TilscoreWarning
+from .progress import run_to_end
 
 if TYPE_CHECKING:  # pragma: no cover
     from .regions import Compartments, RegionSet
@@ -777,14 +778,6 @@ def iter_score_slide(
             slide.close()
 
 
-def _run(gen: Generator[Any, None, SlideResult]) -> SlideResult:
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
-
-
 def score_slide(
     source: str | os.PathLike | Slide,
     marker: str = "CD8",
@@ -821,7 +814,7 @@ def score_slide(
     -------
     SlideResult
     """
-    return _run(
+    return run_to_end(
         iter_score_slide(source, marker, regions, config, mpp=mpp, slide_id=slide_id, **overrides)
     )
 
@@ -842,6 +835,6 @@ def score_image(
     """
     if not isinstance(image, np.ndarray):
         raise RegionError(f"score_image needs a numpy array, got {type(image).__name__}")
-    return _run(
+    return run_to_end(
         iter_score_slide(image, marker, regions, config, mpp=mpp, slide_id=slide_id, **overrides)
     )

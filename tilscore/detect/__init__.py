@@ -504,11 +504,8 @@ def detect_cells(
         One row per cell, columns of :data:`tilscore.cells.CELL_COLUMNS`; ``attrs["settings"]``
         holds the :class:`DetectionSettings` record.
     """
-    gen = iter_detect_cells(source, mpp, marker, detector, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            cells, settings = stop.value
-            cells.attrs["settings"] = settings.to_dict()
-            return cells
+    from ..progress import run_to_end
+
+    cells, settings = run_to_end(iter_detect_cells(source, mpp, marker, detector, **kwargs))
+    cells.attrs["settings"] = settings.to_dict()
+    return cells
