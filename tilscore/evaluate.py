@@ -201,16 +201,20 @@ def evaluate_cells(
     return out
 
 
-def to_jsonable(metrics: dict[str, Any]) -> dict[str, Any]:
-    """``metrics`` with NaN as None and numpy scalars as Python numbers (for ``json.dump``)."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, np.generic):
-            value = value.item()
-        if isinstance(value, float) and not math.isfinite(value):
-            value = None
-        out[key] = value
-    return out
+def to_jsonable(value: Any) -> Any:
+    """``value`` ready for ``json.dump``: NaN and infinities as None, numpy scalars and arrays as
+    Python numbers and lists, tuples as lists, through nested dicts and lists."""
+    if isinstance(value, dict):
+        return {key: to_jsonable(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def format_table(metrics: dict[str, Any], title: str = "tilscore evaluate") -> str:

@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import RegionError, TilscoreWarning
+from .evaluate import to_jsonable
 from .progress import run_to_end
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -223,7 +224,7 @@ class SlideResult:
         prov = json.loads(json.dumps(self.provenance))
         prov["detection"]["marker"] = rule.to_dict()
         prov.setdefault("reclassified", []).append(
-            {"overrides": {k: _jsonable(v) for k, v in overrides.items()}, "time": _now()}
+            {"overrides": to_jsonable(overrides), "time": _now()}
         )
         return replace(self, cells=cells, summary=summary, provenance=prov)
 
@@ -370,7 +371,7 @@ class SlideResult:
             files["overlay"] = _save_png(images["overlay"], folder / "overlay.png")
         if out_cfg["heatmap"]:
             files["heatmap"] = _save_png(images["heatmap"], folder / "heatmap.png")
-        prov = json.dumps(_jsonable(self.provenance), indent=1)
+        prov = json.dumps(to_jsonable(self.provenance), indent=1)
         files["run"] = atomic_write(folder / "run.json", lambda p: p.write_text(prov))
         if out_cfg["report"]:
             text = self.to_html(images)
@@ -402,12 +403,6 @@ class SlideResult:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def _jsonable(v: Any) -> Any:
-    from .evaluate import to_jsonable
-
-    return to_jsonable({"value": v})["value"]  # to_jsonable takes a dict
 
 
 def _draw_geom(draw: Any, geom: Any, ds: float, colour: tuple[int, int, int], width: int) -> None:
@@ -526,7 +521,7 @@ def _report_html(res: SlideResult, images: dict[str, np.ndarray]) -> str:
     facts_html = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in facts
     )
-    prov_text = html.escape(json.dumps(_jsonable(prov), indent=1))
+    prov_text = html.escape(json.dumps(to_jsonable(prov), indent=1))
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>tilscore: {html.escape(res.slide_id)} {html.escape(res.marker)}</title>
