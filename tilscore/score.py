@@ -712,7 +712,8 @@ def iter_score_slide(
             summary = summarise(
                 cells, comps, slide.mpp_x, slide.mpp_y, slide_id=sid, marker=rule.name
             )
-            thumb = slide.thumbnail(1600)
+            # the stain QC's overview (whole slide, read once) serves the overlay and heatmap
+            thumb = qc.overview
             thumb_ds = slide.dimensions[0] / thumb.shape[1]
             regions_used = reg if reg is not None else (auto or RegionSet([], "automatic"))
             if reg is not None and auto is not None and len(auto):
