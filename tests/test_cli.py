@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -84,6 +85,18 @@ def test_image_without_pixel_size_says_how_to_pass_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--mpp" in err
     assert main(["info", str(png), "--mpp", "0.5"]) == 0
+
+
+def test_help_of_every_command_prints(capsys):
+    # argparse formats help strings with %, so a stray "%" only fails when --help is asked for
+    from tilscore.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for argv in [["--help"]] + [[name, "--help"] for name in sub.choices]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0, argv
+        assert "usage: tilscore" in capsys.readouterr().out, argv
 
 
 def test_invalid_mpp_is_rejected_by_the_parser(slide_path, capsys):

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "score",
-        help="score a slide: cells per compartment, densities, % positive, report",
+        help="score a slide: cells per compartment, densities, %% positive, report",
         description="Score one slide end to end: tissue and stain QC, cell detection, regions "
         "(annotations, or automatic tumour/stroma segmentation), and per-compartment metrics. "
         "Writes summary.csv, cells.parquet, cells.geojson, regions.geojson, overlay.png, "
@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
-        "demo", help="run on the bundled example slides (info, tissue and stain QC for now)"
+        "demo", help="score the bundled example slides and compare each compartment with truth"
     )
     p.add_argument(
         "-o",
