@@ -443,6 +443,37 @@ def test_best_level_and_read_at_mpp(tiff_path: Path, rgb: np.ndarray) -> None:
             slide.read_at_mpp(0, 0, 10, 10, mpp=0)
 
 
+def test_reads_shrunk_tile_by_tile_equal_the_whole_box_resized(
+    tmp_path: Path, rgb: np.ndarray
+) -> None:
+    # an integer shrink of an aligned box is done per decoded tile (no full-size box); it must
+    # give exactly what reading the box and resizing it gives, at the slide's partial edge
+    # tiles too, and fall back where blocks would straddle tiles (odd corners, factor 3)
+    rng = np.random.default_rng(1)
+    h, w = rgb.shape[:2]
+    fast = 0
+    path = tmp_path / "one_level.tif"
+    write_pyramid(path, rgb, levels=1, compression="jpeg")
+    with open_slide(path) as slide:
+        for factor in (2, 3, 4):
+            for _ in range(40):
+                bw, bh = (int(rng.integers(1, 130)) * factor for _ in range(2))
+                bw, bh = min(bw, w // factor * factor), min(bh, h // factor * factor)
+                x, y = int(rng.integers(0, w - bw + 1)), int(rng.integers(0, h - bh + 1))
+                if rng.random() < 0.7:  # mostly aligned corners, some at the far edges
+                    x, y = x // factor * factor, y // factor * factor
+                if rng.random() < 0.2:
+                    x, y = w - bw, h - bh
+                got = slide.read_at_mpp(x, y, bw, bh, mpp=0.5 * factor)
+                whole = slide.read_region(x, y, bw, bh)
+                expected = cv2.resize(
+                    whole, (bw // factor, bh // factor), interpolation=cv2.INTER_AREA
+                )
+                np.testing.assert_array_equal(got, expected)
+                fast += slide._reader.read_reduced(0, x, y, bw, bh, factor) is not None
+    assert fast > 30  # the tile-by-tile path did run
+
+
 def test_iter_tiles_cores_cover_the_slide_once(tiff_path: Path, rgb: np.ndarray) -> None:
     with open_slide(tiff_path) as slide:
         tiles = slide.iter_tiles(mpp=0.5, size=128, overlap=16)

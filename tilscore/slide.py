@@ -570,16 +570,7 @@ class _TiffBackend:
         out = np.full((height, width, 3), _WHITE, dtype=np.uint8)
         for row in range(y // lv.tile_h, (y + height - 1) // lv.tile_h + 1):
             for col in range(x // lv.tile_w, (x + width - 1) // lv.tile_w + 1):
-                try:
-                    tile = self._tile(level, row, col)
-                except _corrupt_errors() as e:
-                    if isinstance(e, SlideReadError):
-                        raise
-                    raise SlideReadError(
-                        f"cannot decode tile ({col}, {row}) of level {level}: {e}",
-                        path=self.path,
-                        hint="The file is corrupt or truncated; copy or export it again",
-                    ) from e
+                tile = self._decoded(level, row, col)
                 if tile is None:
                     continue
                 tx, ty = col * lv.tile_w, row * lv.tile_h
@@ -591,6 +582,57 @@ class _TiffBackend:
                         y0 - ty : y1 - ty, x0 - tx : x1 - tx
                     ]
         return out
+
+    def read_reduced(
+        self, level: int, x: int, y: int, width: int, height: int, factor: int
+    ) -> np.ndarray | None:
+        """A box inside the level shrunk by an integer factor, tile by tile; or None.
+
+        The same pixels as :meth:`read` followed by an area resize by ``factor`` (each output
+        pixel is the rounded mean of its ``factor`` x ``factor`` block), when every block lies
+        inside one stored tile: the box's corner, its size and the tile size are multiples of
+        ``factor``. Each decoded tile is shrunk on its own, so the full-resolution box is never
+        assembled (less memory traffic). None when the box does not align; the caller then
+        reads and resizes the whole box.
+        """
+        import cv2
+
+        lv, f = self.levels[level], factor
+        if f < 2 or any(v % f for v in (x, y, width, height, lv.tile_w, lv.tile_h)):
+            return None
+        out = np.full((height // f, width // f, 3), _WHITE, dtype=np.uint8)
+        for row in range(y // lv.tile_h, (y + height - 1) // lv.tile_h + 1):
+            for col in range(x // lv.tile_w, (x + width - 1) // lv.tile_w + 1):
+                tile = self._decoded(level, row, col)
+                if tile is None:
+                    continue
+                tx, ty = col * lv.tile_w, row * lv.tile_h
+                x0, y0 = max(x, tx), max(y, ty)
+                x1 = min(x + width, tx + tile.shape[1])
+                y1 = min(y + height, ty + tile.shape[0])
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                if (x1 - x0) % f or (y1 - y0) % f:  # a short stored tile: blocks straddle it
+                    return None
+                out[(y0 - y) // f : (y1 - y) // f, (x0 - x) // f : (x1 - x) // f] = cv2.resize(
+                    tile[y0 - ty : y1 - ty, x0 - tx : x1 - tx],
+                    ((x1 - x0) // f, (y1 - y0) // f),
+                    interpolation=cv2.INTER_AREA,
+                )
+        return out
+
+    def _decoded(self, level: int, row: int, col: int) -> np.ndarray | None:
+        """:meth:`_tile`, with a decoding failure turned into a :class:`SlideReadError`."""
+        try:
+            return self._tile(level, row, col)
+        except _corrupt_errors() as e:
+            if isinstance(e, SlideReadError):
+                raise
+            raise SlideReadError(
+                f"cannot decode tile ({col}, {row}) of level {level}: {e}",
+                path=self.path,
+                hint="The file is corrupt or truncated; copy or export it again",
+            ) from e
 
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None
@@ -1070,6 +1112,20 @@ class Slide:
         lx, ly = round(x / sx), round(y / sy)
         lw = max(1, round((x + width) / sx) - lx)
         lh = max(1, round((y + height) / sy) - ly)
+        factor = lw // out_w
+        reduced = getattr(self._reader, "read_reduced", None)
+        if (
+            reduced is not None
+            and factor >= 2
+            and (lw, lh) == (out_w * factor, out_h * factor)
+            and lx >= 0
+            and ly >= 0
+            and lx + lw <= self.level_dimensions[level][0]
+            and ly + lh <= self.level_dimensions[level][1]
+        ):
+            out = reduced(level, lx, ly, lw, lh, factor)
+            if out is not None:
+                return out
         return _resize(self._read_level_box(level, lx, ly, lw, lh), out_w, out_h)
 
     def iter_tiles(

@@ -357,8 +357,9 @@ def estimate_background(
         )
         return fallback
     pf = px.astype(np.float32)
-    vmax = pf.max(axis=1)
-    vmin = pf.min(axis=1)
+    # element-wise over the three columns: numpy's reductions over a length-3 axis are ~10x slower
+    vmax = np.maximum(np.maximum(pf[:, 0], pf[:, 1]), pf[:, 2])
+    vmin = np.minimum(np.minimum(pf[:, 0], pf[:, 1]), pf[:, 2])
     bright_ref = float(np.percentile(vmax, 99.5))
     sat = (vmax - vmin) / np.maximum(vmax, 1.0)
     cand = (sat <= max_saturation) & (vmax >= max(0.9 * bright_ref, BACKGROUND_RANGE[0]))

@@ -267,8 +267,9 @@ def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hue (degrees), saturation (0-1) and value (0-255) as float32 arrays."""
     f = rgb.astype(np.float32)
     r, g, b = f[..., 0], f[..., 1], f[..., 2]
-    vmax = f.max(axis=2)
-    vmin = f.min(axis=2)
+    # element-wise over the three channels: numpy's reductions over a length-3 axis are slower
+    vmax = np.maximum(np.maximum(r, g), b)
+    vmin = np.minimum(np.minimum(r, g), b)
     chroma = vmax - vmin
     safe = np.where(chroma > 0, chroma, 1.0)
     hue = np.where(
@@ -447,7 +448,8 @@ def tissue_mask(
         i0 = np.repeat(i0, 3) if i0.size == 1 else i0
         background_source = "user"
 
-    od = optical_density(rgb, i0).max(axis=2)
+    od3 = optical_density(rgb, i0)
+    od = np.maximum(np.maximum(od3[..., 0], od3[..., 1]), od3[..., 2])
     od = cv2.GaussianBlur(od, (0, 0), 1.0)
     finite = od[np.isfinite(od)]
     if finite.size and np.ptp(finite) > 1e-6:
