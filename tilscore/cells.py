@@ -497,21 +497,40 @@ def measure_cells(
         coverage = stained[1] / counts[1]
         total = n_area + n_cyto
         d_cell = (np.nan_to_num(d_nuc) * n_area + np.nan_to_num(d_cyto) * n_cyto) / total
-    out = table.copy()
-    out["x_um"] = out["x"] * mpp
-    out["y_um"] = out["y"] * mpp
-    out["nucleus_area_um2"] = n_area * mpp * mpp
-    out["h_od_nucleus"] = h_nuc
-    out["dab_od_nucleus"] = d_nuc
-    out["dab_od_membrane"] = d_ring
-    out["dab_od_cytoplasm"] = d_cyto
-    out["dab_od_cell"] = d_cell
-    out["dab_od_surround"] = d_sur
-    # fraction of the ring's pixels above RING_COVERAGE_OD: ~1 all round a stained membrane,
-    # low where only one side touches a brown neighbour
-    out["dab_ring_coverage"] = coverage
-    # nucleus + expansion (limited by neighbours): the area a positive cell covers
-    out["cell_area_um2"] = (n_area + n_cyto) * mpp * mpp
-    out["positive"] = False
-    out["intensity_bin"] = 0
-    return validate_cells(out)
+    measured = {
+        "x_um": table["x"].to_numpy() * mpp,
+        "y_um": table["y"].to_numpy() * mpp,
+        "nucleus_area_um2": n_area * mpp * mpp,
+        "h_od_nucleus": h_nuc,
+        "dab_od_nucleus": d_nuc,
+        "dab_od_membrane": d_ring,
+        "dab_od_cytoplasm": d_cyto,
+        "dab_od_cell": d_cell,
+        "positive": np.zeros(n, bool),
+        "intensity_bin": np.zeros(n, np.int8),
+        "dab_od_surround": d_sur,
+        # fraction of the ring's pixels above RING_COVERAGE_OD: ~1 all round a stained
+        # membrane, low where only one side touches a brown neighbour
+        "dab_ring_coverage": coverage,
+        # nucleus + expansion (limited by neighbours): the area a positive cell covers
+        "cell_area_um2": (n_area + n_cyto) * mpp * mpp,
+    }
+    return _with_columns(table, measured)
+
+
+def _with_columns(table: pd.DataFrame, values: dict[str, np.ndarray]) -> pd.DataFrame:
+    """A validated cells table with columns set or added, built in one step.
+
+    The same frame as assigning each column and calling :func:`validate_cells` again (standard
+    columns first, then the table's extra columns, then new ones), without a second check:
+    ``table`` is already valid and the new values get their standard dtypes here.
+    """
+    dtypes = {**CELL_COLUMNS, **OPTIONAL_COLUMNS}
+    data = {c: table[c].to_numpy() for c in table.columns}
+    for col, arr in values.items():
+        data[col] = np.asarray(arr).astype(dtypes.get(col, arr.dtype), copy=False)
+    order = list(CELL_COLUMNS) + [c for c in data if c not in CELL_COLUMNS]
+    out = pd.DataFrame({c: data[c] for c in order}, copy=False)
+    # pandas would infer a string dtype from the object array; the table's column stays object
+    out["cell_class"] = table["cell_class"].reset_index(drop=True)
+    return out

@@ -586,14 +586,15 @@ class _TiffBackend:
     def read_reduced(
         self, level: int, x: int, y: int, width: int, height: int, factor: int
     ) -> np.ndarray | None:
-        """A box inside the level shrunk by an integer factor, tile by tile; or None.
+        """A box of the level shrunk by an integer factor, tile by tile; or None.
 
-        The same pixels as :meth:`read` followed by an area resize by ``factor`` (each output
-        pixel is the rounded mean of its ``factor`` x ``factor`` block), when every block lies
-        inside one stored tile: the box's corner, its size and the tile size are multiples of
-        ``factor``. Each decoded tile is shrunk on its own, so the full-resolution box is never
-        assembled (less memory traffic). None when the box does not align; the caller then
-        reads and resizes the whole box.
+        The same pixels as reading the box (white outside the level) and shrinking it with an
+        area resize by ``factor`` (each output pixel the rounded mean of its ``factor`` x
+        ``factor`` block), when every block lies inside one stored tile or wholly outside the
+        level: the box's corner, its size and the tile size are multiples of ``factor``, and
+        so is the level's size where the box crosses its edge. Each decoded tile is shrunk on
+        its own, so the full-resolution box is never assembled (less memory traffic). None
+        when the blocks do not align; the caller then reads and resizes the whole box.
         """
         import cv2
 
@@ -601,18 +602,20 @@ class _TiffBackend:
         if f < 2 or any(v % f for v in (x, y, width, height, lv.tile_w, lv.tile_h)):
             return None
         out = np.full((height // f, width // f, 3), _WHITE, dtype=np.uint8)
-        for row in range(y // lv.tile_h, (y + height - 1) // lv.tile_h + 1):
-            for col in range(x // lv.tile_w, (x + width - 1) // lv.tile_w + 1):
+        rows = range(max(0, y // lv.tile_h), min(lv.n_rows - 1, (y + height - 1) // lv.tile_h) + 1)
+        cols = range(max(0, x // lv.tile_w), min(lv.n_cols - 1, (x + width - 1) // lv.tile_w) + 1)
+        for row in rows:
+            for col in cols:
                 tile = self._decoded(level, row, col)
                 if tile is None:
                     continue
                 tx, ty = col * lv.tile_w, row * lv.tile_h
                 x0, y0 = max(x, tx), max(y, ty)
-                x1 = min(x + width, tx + tile.shape[1])
-                y1 = min(y + height, ty + tile.shape[0])
+                x1 = min(x + width, tx + tile.shape[1], lv.width)
+                y1 = min(y + height, ty + tile.shape[0], lv.height)
                 if x1 <= x0 or y1 <= y0:
                     continue
-                if (x1 - x0) % f or (y1 - y0) % f:  # a short stored tile: blocks straddle it
+                if (x1 - x0) % f or (y1 - y0) % f:  # blocks straddle a short tile or the edge
                     return None
                 out[(y0 - y) // f : (y1 - y) // f, (x0 - x) // f : (x1 - x) // f] = cv2.resize(
                     tile[y0 - ty : y1 - ty, x0 - tx : x1 - tx],
@@ -1118,11 +1121,11 @@ class Slide:
             reduced is not None
             and factor >= 2
             and (lw, lh) == (out_w * factor, out_h * factor)
-            and lx >= 0
-            and ly >= 0
-            and lx + lw <= self.level_dimensions[level][0]
-            and ly + lh <= self.level_dimensions[level][1]
-        ):
+            and lx < self.level_dimensions[level][0]
+            and ly < self.level_dimensions[level][1]
+            and lx + lw > 0
+            and ly + lh > 0
+        ):  # (a box wholly outside the level is left to _read_level_box's error)
             out = reduced(level, lx, ly, lw, lh, factor)
             if out is not None:
                 return out
