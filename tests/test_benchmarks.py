@@ -1,0 +1,36 @@
+"""The benchmark suite's slide builders (benchmarks/run.py), which the issue's sizes rely on."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import tilscore
+from tilscore.synthetic import make_layout, write_slide
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from run import mosaic_slide
+
+
+def test_mosaic_repeats_the_slide_tiles_exactly(tmp_path: Path) -> None:
+    base = tmp_path / "base.svs"
+    layout = make_layout(marker="CD8", width_px=1024, height_px=768, mpp=0.25, seed=3)
+    write_slide(layout, base, format="aperio", tile_size=256, min_level_size_px=128)
+    path = mosaic_slide(tmp_path, base, 3, 2)
+    with tilscore.open_slide(base) as b, tilscore.open_slide(path) as m:
+        assert m.dimensions == (3 * 1024, 2 * 768)
+        assert m.vendor == b.vendor == "aperio"
+        assert m.mpp == b.mpp
+        assert len(m.level_dimensions) == len(b.level_dimensions)
+        ref = b.read_region(0, 0, 1024, 768)
+        for i in range(3):
+            for j in range(2):  # level 0: the same JPEG tiles, so the same pixels
+                got = m.read_region(i * 1024, j * 768, 1024, 768)
+                np.testing.assert_array_equal(got, ref)
+        # lower levels are re-encoded: the same picture within JPEG noise
+        f = round(b.level_downsamples[1])
+        low = m.read_region(2 * 1024, 768, 1024 // f, 768 // f, level=1).astype(int)
+        assert np.abs(low - b.read_region(0, 0, 1024 // f, 768 // f, level=1)).mean() < 2.0
+    assert mosaic_slide(tmp_path, base, 3, 2) == path  # cached
