@@ -178,7 +178,7 @@ def test_glass_around_tissue_is_not_processed_and_changes_no_cell(tmp_path, monk
     with open_slide(path) as slide:
         qc = tilscore.qc.slide_stain_qc(slide)
         tiles = list(slide.iter_tiles(0.5, 512, 48, mask=qc.tissue))
-        boxes = [detect._tissue_box(t, qc.tissue, 48) for t in tiles]
+        boxes = [detect._tissue_box(t.x, t.y, t.downsample, 608, qc.tissue, 48) for t in tiles]
         assert any(b is not None for b in boxes)  # some tiles are mostly glass here
         cut = detect_cells(slide, detector="cnn", qc=qc, tile_size_px=512)
         monkeypatch.setattr(detect, "_CROP_MIN_SAVING", 0.0)  # never cut

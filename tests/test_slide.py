@@ -493,6 +493,31 @@ def test_iter_tiles_cores_cover_the_slide_once(tiff_path: Path, rgb: np.ndarray)
         assert (canvas[600:, :] == 255).all()  # beyond the slide: white padding
 
 
+@pytest.mark.parametrize("mpp", [0.25, 0.5, 0.6, 1.0])
+def test_iter_tiles_crop_reads_the_same_pixels_as_the_whole_tile_cut(
+    tmp_path: Path, mpp: float
+) -> None:
+    # 0.25 and 0.5 µm/px on a 0.25 µm/px level 0 (and 1.0 on its 0.5 µm/px level 1) read
+    # only the part; 0.6 (resampled) reads the whole tile and cuts it. Same pixels either way.
+    path = tmp_path / "s.tif"
+    write_pyramid(path, make_image(600, 520, seed=2), levels=2, mpp=0.25, compression="jpeg")
+
+    def crop(x: float, y: float, ds: float, full: int):
+        k = int(abs(x) + 2 * abs(y)) % 3  # a different cut per tile, some none at all
+        return None if k == 0 else (slice(k * 5, full - 7), slice(3, full // k))
+
+    with open_slide(path) as slide:
+        whole = list(slide.iter_tiles(mpp, 96, 16))
+        cut = list(slide.iter_tiles(mpp, 96, 16, crop=crop))
+    assert len(whole) == len(cut) >= 4
+    for w, c in zip(whole, cut, strict=True):
+        box = crop(w.x, w.y, w.downsample, 128)
+        assert (c.x, c.y, c.col, c.row) == (w.x, w.y, w.col, w.row)
+        expected = w.image if box is None else w.image[box]
+        assert (c.oy, c.ox) == ((0, 0) if box is None else (box[0].start, box[1].start))
+        np.testing.assert_array_equal(c.image, expected)
+
+
 def test_iter_tiles_at_coarser_mpp_reads_the_matching_level(
     tiff_path: Path, rgb: np.ndarray
 ) -> None:

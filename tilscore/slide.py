@@ -109,6 +109,10 @@ class Tile:
     overlap
         Halo width on each side (tile px); ``image[overlap:-overlap, overlap:-overlap]`` is the
         core, and the cores of all tiles tile the slide exactly once.
+    ox, oy
+        Where ``image`` starts within the whole tile (tile px): 0, 0 unless
+        :meth:`Slide.iter_tiles` was asked to ``crop`` it, in which case ``image`` is the part
+        ``[oy:oy + h, ox:ox + w]`` of the whole tile (whose corner stays at ``x``, ``y``).
     """
 
     image: np.ndarray
@@ -119,6 +123,8 @@ class Tile:
     col: int
     row: int
     overlap: int
+    ox: int = 0
+    oy: int = 0
 
 
 @dataclass
@@ -1138,6 +1144,7 @@ class Slide:
         overlap: int = 0,
         mask: TissueMask | None = None,
         min_tissue_fraction: float = 0.0,
+        crop: Callable[[float, float, float, int], tuple[slice, slice] | None] | None = None,
     ) -> Iterator[Tile]:
         """Lazily yield the tiles of a grid at a pixel size, row by row.
 
@@ -1154,11 +1161,18 @@ class Slide:
             tiles whose core holds a tissue fraction ``<= min_tissue_fraction`` are skipped.
         min_tissue_fraction
             See ``mask`` (0..1).
+        crop
+            Optional ``crop(x, y, downsample, full)`` -> ``(row slice, column slice)`` of the
+            whole tile (``full`` px square, corner at level-0 ``x``, ``y``) to keep, or None for
+            all of it. Only that part is read where the tile's scale is a whole multiple of the
+            level's (the pixels are then exactly those of the whole tile, cut); otherwise the
+            whole tile is read and cut.
 
         Yields
         ------
         Tile
-            With its image (size + 2 * overlap px square), level-0 position and grid index.
+            With its image (size + 2 * overlap px square, or its cut part), level-0 position and
+            grid index.
         """
         mpp = check_positive(mpp, "mpp")
         size, overlap = int(size), int(overlap)
@@ -1170,6 +1184,11 @@ class Slide:
         n_cols, n_rows = math.ceil(w0 / core0 - 1e-9), math.ceil(h0 / core0 - 1e-9)
         level = self.best_level_for_mpp(mpp)
         full = size + 2 * overlap
+        # a part of a tile reads as the same pixels as the whole tile cut, when each tile pixel
+        # is a whole block of level pixels (no resampling phase to shift)
+        sx, sy = self._level_scale[level]
+        fx, fy = ds / sx, ds / sy
+        whole_blocks = abs(fx - round(fx)) < 1e-9 and abs(fy - round(fy)) < 1e-9
         for row in range(n_rows):
             for col in range(n_cols):
                 cx, cy = col * core0, row * core0
@@ -1179,8 +1198,21 @@ class Slide:
                 ):
                     continue
                 x, y = cx - overlap * ds, cy - overlap * ds
-                image = self._read_scaled(x, y, full * ds, full * ds, full, full, level)
-                yield Tile(image, x, y, mpp, ds, col, row, overlap)
+                box = crop(x, y, ds, full) if crop is not None else None
+                if box is None:
+                    image = self._read_scaled(x, y, full * ds, full * ds, full, full, level)
+                    yield Tile(image, x, y, mpp, ds, col, row, overlap)
+                    continue
+                (y0, y1), (x0, x1) = box[0].indices(full)[:2], box[1].indices(full)[:2]
+                if whole_blocks:
+                    image = self._read_scaled(
+                        x + x0 * ds, y + y0 * ds, (x1 - x0) * ds, (y1 - y0) * ds,
+                        x1 - x0, y1 - y0, level,
+                    )  # fmt: skip
+                else:
+                    image = self._read_scaled(x, y, full * ds, full * ds, full, full, level)
+                    image = np.ascontiguousarray(image[y0:y1, x0:x1])
+                yield Tile(image, x, y, mpp, ds, col, row, overlap, ox=x0, oy=y0)
 
     def to_dask(self, level: int = 0) -> dask.array.Array:
         """A lazy (H, W, 3) uint8 dask array of one level, chunked on the file's tiles."""

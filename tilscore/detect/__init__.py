@@ -245,17 +245,21 @@ def _stains_and_background(
     return stains, bg, tissue
 
 
-def _tissue_box(tile: Tile, tissue: TissueMask, margin_px: float) -> tuple[slice, slice] | None:
-    """The part of a tile's image near tissue: ``(row slice, column slice)``, or None (all).
+def _tissue_box(
+    x: float, y: float, ds: float, size: int, tissue: TissueMask, margin_px: float
+) -> tuple[slice, slice] | None:
+    """The part of a tile near tissue: ``(row slice, column slice)``, or None (all of it).
 
-    The bounding box of the tissue-mask pixels under the tile, grown by ``margin_px`` (tile px)
+    The tile is ``size`` px square at ``ds`` level-0 px per px, its corner at level-0 ``x``,
+    ``y`` (the ``crop`` that :meth:`tilscore.slide.Slide.iter_tiles` asks for). The box is the
+    bounding box of the tissue-mask pixels under the tile, grown by ``margin_px`` (tile px)
     plus one mask pixel (the mask is coarse); None where that box is most of the tile anyway.
     """
-    h, w = tile.image.shape[:2]
-    ds, mds, m = tile.downsample, tissue.downsample, tissue.mask
-    c0, r0 = max(0, math.floor(tile.x / mds)), max(0, math.floor(tile.y / mds))
-    c1 = min(m.shape[1], math.ceil((tile.x + w * ds) / mds))
-    r1 = min(m.shape[0], math.ceil((tile.y + h * ds) / mds))
+    h = w = size
+    mds, m = tissue.downsample, tissue.mask
+    c0, r0 = max(0, math.floor(x / mds)), max(0, math.floor(y / mds))
+    c1 = min(m.shape[1], math.ceil((x + w * ds) / mds))
+    r1 = min(m.shape[0], math.ceil((y + h * ds) / mds))
     if c1 <= c0 or r1 <= r0:
         return None
     sub = m[r0:r1, c0:c1]
@@ -263,10 +267,10 @@ def _tissue_box(tile: Tile, tissue: TissueMask, margin_px: float) -> tuple[slice
     if not rows.size:
         return None
     pad = margin_px + mds / ds
-    x0 = max(0, math.floor(((c0 + cols[0]) * mds - tile.x) / ds - pad))
-    x1 = min(w, math.ceil(((c0 + cols[-1] + 1) * mds - tile.x) / ds + pad))
-    y0 = max(0, math.floor(((r0 + rows[0]) * mds - tile.y) / ds - pad))
-    y1 = min(h, math.ceil(((r0 + rows[-1] + 1) * mds - tile.y) / ds + pad))
+    x0 = max(0, math.floor(((c0 + cols[0]) * mds - x) / ds - pad))
+    x1 = min(w, math.ceil(((c0 + cols[-1] + 1) * mds - x) / ds + pad))
+    y0 = max(0, math.floor(((r0 + rows[0]) * mds - y) / ds - pad))
+    y1 = min(h, math.ceil(((r0 + rows[-1] + 1) * mds - y) / ds + pad))
     if (x1 - x0) * (y1 - y0) >= _CROP_MIN_SAVING * w * h:
         return None
     return slice(y0, y1), slice(x0, x1)
@@ -280,22 +284,17 @@ def _detect_tile(
     bg: np.ndarray,
     tile_size_px: int,
     halo_px: int,
-    tissue: TissueMask | None = None,
 ) -> pd.DataFrame | None:
     """Cells of one tile whose centre lies in its core (level-0 px), or None (no cells).
 
     The tile's pixels are read once and serve the stain separation, the detector and the
-    measurements. With a tissue mask, only the part of the tile within ``halo_px`` (plus one
-    mask pixel) of tissue is processed: the rest is glass, where no cell is counted anyway.
+    measurements. A tile cut to its tissue (``tile.ox``, ``tile.oy``: see
+    :func:`_tissue_box`) is processed as it is: the rest is glass, where no cell is counted.
     """
     from ..cells import measure_cells
     from ..stain import deconvolve
 
-    image, ox, oy = tile.image, 0, 0
-    box = None if tissue is None else _tissue_box(tile, tissue, halo_px)
-    if box is not None:
-        image = np.ascontiguousarray(tile.image[box])
-        oy, ox = box[0].start, box[1].start
+    image, ox, oy = tile.image, tile.ox, tile.oy
     conc = deconvolve(image, stains, bg)
     # opaque pixels (black ink, carbon pigment, folds: dark and grey) are neither hematoxylin
     # nor DAB; treated as unstained, they make no nucleus and no positivity
@@ -409,9 +408,13 @@ def iter_detect_cells(
         yield done, total
 
         def process(tile) -> pd.DataFrame | None:
-            return _detect_tile(tile, det, rule, stains_used, bg, tile_size_px, halo_px, tissue)
+            return _detect_tile(tile, det, rule, stains_used, bg, tile_size_px, halo_px)
 
-        tiles = slide.iter_tiles(det.mpp, tile_size_px, halo_px, mask=area)
+        def crop(x: float, y: float, ds: float, size: int) -> tuple[slice, slice] | None:
+            # only the part of a tile within the halo of tissue is read and processed
+            return None if tissue is None else _tissue_box(x, y, ds, size, tissue, halo_px)
+
+        tiles = slide.iter_tiles(det.mpp, tile_size_px, halo_px, mask=area, crop=crop)
         # closing: a caller that stops early (napari's cancel) also stops the worker threads
         with closing(_pipelined(process, tiles, _n_workers(workers))) as results:
             for cells in results:
