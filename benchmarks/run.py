@@ -192,9 +192,9 @@ def mosaic_slide(cache: Path, base: Path, nx: int, ny: int) -> Path:
 
         def repeated_tiles(arr: np.ndarray, w: int, h: int):
             for y in range(0, h, th):
-                ys = np.arange(y, y + th) % arr.shape[0]
+                strip = arr[np.arange(y, y + th) % arr.shape[0]]  # one tile row, then its tiles
                 for x in range(0, w, tw):
-                    yield arr[ys][:, np.arange(x, x + tw) % arr.shape[1]]
+                    yield strip[:, np.arange(x, x + tw) % arr.shape[1]]
 
         with tifffile.TiffWriter(tmp, bigtiff=True) as out:
             out.write(
