@@ -528,7 +528,8 @@ def _with_columns(table: pd.DataFrame, values: dict[str, np.ndarray]) -> pd.Data
     dtypes = {**CELL_COLUMNS, **OPTIONAL_COLUMNS}
     data = {c: table[c].to_numpy() for c in table.columns}
     for col, arr in values.items():
-        data[col] = np.asarray(arr).astype(dtypes.get(col, arr.dtype), copy=False)
+        a = np.asarray(arr)
+        data[col] = a.astype(dtypes.get(col, a.dtype), copy=False)
     order = list(CELL_COLUMNS) + [c for c in data if c not in CELL_COLUMNS]
     out = pd.DataFrame({c: data[c] for c in order}, copy=False)
     # pandas would infer a string dtype from the object array; the table's column stays object
