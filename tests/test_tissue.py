@@ -101,6 +101,23 @@ def test_mask_drops_pen_dots_and_dust(scene, scene_mask):
         assert not m[y, x]
 
 
+def test_mask_is_the_same_computed_in_row_blocks(scene, scene_mask, monkeypatch):
+    # large overviews are processed a block of rows at a time (bounded memory); the blocks
+    # must not change the mask, pen marks included
+    import tilscore.tissue as tissue_mod
+
+    real = tissue_mod._row_blocks
+    monkeypatch.setattr(tissue_mod, "_row_blocks", lambda h, w: real(h, w, block_px=7 * w))
+    assert len(tissue_mod._row_blocks(*scene["rgb"].shape[:2])) > 10
+    blocked = tissue_mask(scene["rgb"], MPP, target_mpp=MPP)
+    np.testing.assert_array_equal(blocked.mask, scene_mask.mask)
+    assert blocked.info == scene_mask.info
+    pen = tissue_mod.pen_mask(scene["rgb"])
+    monkeypatch.setattr(tissue_mod, "_row_blocks", real)
+    np.testing.assert_array_equal(pen, tissue_mod.pen_mask(scene["rgb"]))
+    assert pen[scene["pen"]].mean() > 0.9
+
+
 def test_small_holes_filled_large_holes_kept(scene, scene_mask):
     x, y = scene["small_hole_centre"]
     assert scene_mask.mask[y, x]

@@ -263,6 +263,12 @@ def _as_multipolygon(geom: Any) -> shapely.MultiPolygon:
 # computing the mask
 
 
+def _row_blocks(h: int, w: int, block_px: int = 1 << 18) -> list[slice]:
+    """Row slices of about ``block_px`` pixels, for per-pixel steps on large overviews."""
+    rows = max(1, block_px // max(w, 1))
+    return [slice(y, min(y + rows, h)) for y in range(0, h, rows)]
+
+
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hue (degrees), saturation (0-1) and value (0-255) as float32 arrays."""
     f = rgb.astype(np.float32)
@@ -294,14 +300,16 @@ def pen_mask(rgb: np.ndarray, background: np.ndarray | None = None) -> np.ndarra
     """
     import cv2
 
-    hue, sat, val = _hsv(rgb)
     i0 = 255.0 if background is None else float(np.max(background))
-    blue = (hue >= 180) & (hue <= 235) & (sat >= 0.55) & (val <= 0.85 * i0)
-    green = (hue >= 70) & (hue <= 170) & (sat >= 0.25)
-    # black ink is neutral or blue-black; dark purple (dense hematoxylin) and dark brown (dense
-    # DAB) at this scale are saturated with other hues and stay tissue
-    black = (val <= 0.2 * i0) & ((sat <= 0.3) | ((hue >= 180) & (hue <= 235)))
-    ink = (blue | green | black).astype(np.uint8)
+    ink = np.zeros(rgb.shape[:2], np.uint8)
+    for rows in _row_blocks(rgb.shape[0], rgb.shape[1]):  # bounded float temporaries
+        hue, sat, val = _hsv(rgb[rows])
+        blue = (hue >= 180) & (hue <= 235) & (sat >= 0.55) & (val <= 0.85 * i0)
+        green = (hue >= 70) & (hue <= 170) & (sat >= 0.25)
+        # black ink is neutral or blue-black; dark purple (dense hematoxylin) and dark brown
+        # (dense DAB) at this scale are saturated with other hues and stay tissue
+        black = (val <= 0.2 * i0) & ((sat <= 0.3) | ((hue >= 180) & (hue <= 235)))
+        ink[rows] = blue | green | black
     if ink.any():
         ink = cv2.dilate(ink, np.ones((3, 3), np.uint8))
     return ink.astype(bool)
@@ -448,10 +456,13 @@ def tissue_mask(
         i0 = np.repeat(i0, 3) if i0.size == 1 else i0
         background_source = "user"
 
-    od3 = optical_density(rgb, i0)
-    od = np.maximum(np.maximum(od3[..., 0], od3[..., 1]), od3[..., 2])
+    od = np.empty(rgb.shape[:2], np.float32)  # the largest channel OD, row block by row block
+    for rows in _row_blocks(rgb.shape[0], rgb.shape[1]):
+        od3 = optical_density(rgb[rows], i0)
+        np.maximum(np.maximum(od3[..., 0], od3[..., 1]), od3[..., 2], out=od[rows])
     od = cv2.GaussianBlur(od, (0, 0), 1.0)
-    finite = od[np.isfinite(od)]
+    finite_px = np.isfinite(od)
+    finite = od.ravel() if finite_px.all() else od[finite_px]
     if finite.size and np.ptp(finite) > 1e-6:
         otsu = float(threshold_otsu(finite))
     else:
