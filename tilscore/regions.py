@@ -690,16 +690,26 @@ def auto_regions(
     x = np.asarray(cells["x"], float) / ds
     y = np.asarray(cells["y"], float) / ds
     is_t = np.asarray(cells["cell_class"]) == "tumour"
-    edges = (np.arange(gh + 1), np.arange(gw + 1))
-    all_n = np.histogram2d(y, x, bins=edges)[0].astype(np.float32)
-    tum_n = np.histogram2d(y[is_t], x[is_t], bins=edges)[0].astype(np.float32)
+    # cell counts per grid cell (as histogram2d with unit bins: [i, i + 1), the last one
+    # closed), counted straight into float32 grids: the grid of a large slide has tens of
+    # millions of cells, and float64 histograms of it would double the peak memory
+    inside = (x >= 0) & (x <= gw) & (y >= 0) & (y <= gh)
+    xi = np.minimum(x[inside].astype(np.intp), gw - 1)
+    yi = np.minimum(y[inside].astype(np.intp), gh - 1)
+    is_t = is_t[inside]
+    all_n = np.zeros((gh, gw), np.float32)
+    tum_n = np.zeros((gh, gw), np.float32)
+    np.add.at(all_n, (yi, xi), 1.0)
+    np.add.at(tum_n, (yi[is_t], xi[is_t]), 1.0)
     s = sigma_um / grid_um
     all_d = cv2.GaussianBlur(all_n, (0, 0), s) if s > 0 else all_n
     tum_d = cv2.GaussianBlur(tum_n, (0, 0), s) if s > 0 else tum_n
+    del all_n, tum_n
     per_mm2 = 1e6 / (grid_um * grid_um)
     with np.errstate(invalid="ignore", divide="ignore"):
-        frac = np.where(all_d > 0, tum_d / all_d, 0)
+        frac = np.divide(tum_d, all_d, out=np.zeros_like(tum_d), where=all_d > 0)
     nest = (tum_d * per_mm2 >= min_density_per_mm2) & (frac >= min_tumour_fraction)
+    del all_d, tum_d, frac
     min_px = min_nest_area_um2 / (grid_um * grid_um)
     lab, n = ndimage.label(nest)
     if n:
