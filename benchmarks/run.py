@@ -485,6 +485,26 @@ def score_in_subprocess(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _peak_rss_kb() -> float:
+    """This process's own peak resident memory (kB).
+
+    Linux's ``ru_maxrss`` survives ``exec``: a child started by a large parent reports at least
+    the parent's size at the fork. ``VmHWM`` in /proc/self/status belongs to the process's own
+    address space, so it is used where it exists.
+    """
+    import resource
+
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    return peak / 1024 if sys.platform == "darwin" else peak  # bytes on macOS, kB elsewhere
+
+
 def child_score(path: str, detector: str, baseline: bool = False, bf16: bool = False) -> int:
     """(Runs in the subprocess.) Score the slide from file to summary; print one JSON line."""
     import resource
@@ -539,7 +559,7 @@ def child_score(path: str, detector: str, baseline: bool = False, bf16: bool = F
     with tilscore.open_slide(path) as s:  # the tissue area, after the timing
         tissue_mm2 = slide_stain_qc(s).tissue.area_mm2
         w0, h0 = s.dimensions
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+    peak_kb = _peak_rss_kb()
     print(
         json.dumps(
             {
