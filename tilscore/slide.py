@@ -571,11 +571,16 @@ class _TiffBackend:
         self._cache.put(key, rgb)
         return rgb
 
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+    def _tile_parts(
+        self, level: int, x: int, y: int, width: int, height: int
+    ) -> Iterator[tuple[np.ndarray, int, int, int, int]]:
+        """The stored tiles under a box of the level: ``(part, x0, y0, x1, y1)``, where
+        ``part`` is the decoded tile's pixels in the level box ``[x0, x1) x [y0, y1)``."""
         lv = self.levels[level]
-        out = np.full((height, width, 3), _WHITE, dtype=np.uint8)
-        for row in range(y // lv.tile_h, (y + height - 1) // lv.tile_h + 1):
-            for col in range(x // lv.tile_w, (x + width - 1) // lv.tile_w + 1):
+        rows = range(max(0, y // lv.tile_h), min(lv.n_rows - 1, (y + height - 1) // lv.tile_h) + 1)
+        cols = range(max(0, x // lv.tile_w), min(lv.n_cols - 1, (x + width - 1) // lv.tile_w) + 1)
+        for row in rows:
+            for col in cols:
                 tile = self._decoded(level, row, col)
                 if tile is None:
                     continue
@@ -584,9 +589,12 @@ class _TiffBackend:
                 x1 = min(x + width, tx + tile.shape[1], lv.width)
                 y1 = min(y + height, ty + tile.shape[0], lv.height)
                 if x1 > x0 and y1 > y0:
-                    out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[
-                        y0 - ty : y1 - ty, x0 - tx : x1 - tx
-                    ]
+                    yield tile[y0 - ty : y1 - ty, x0 - tx : x1 - tx], x0, y0, x1, y1
+
+    def read(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        out = np.full((height, width, 3), _WHITE, dtype=np.uint8)
+        for part, x0, y0, x1, y1 in self._tile_parts(level, x, y, width, height):
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = part
         return out
 
     def read_reduced(
@@ -608,26 +616,12 @@ class _TiffBackend:
         if f < 2 or any(v % f for v in (x, y, width, height, lv.tile_w, lv.tile_h)):
             return None
         out = np.full((height // f, width // f, 3), _WHITE, dtype=np.uint8)
-        rows = range(max(0, y // lv.tile_h), min(lv.n_rows - 1, (y + height - 1) // lv.tile_h) + 1)
-        cols = range(max(0, x // lv.tile_w), min(lv.n_cols - 1, (x + width - 1) // lv.tile_w) + 1)
-        for row in rows:
-            for col in cols:
-                tile = self._decoded(level, row, col)
-                if tile is None:
-                    continue
-                tx, ty = col * lv.tile_w, row * lv.tile_h
-                x0, y0 = max(x, tx), max(y, ty)
-                x1 = min(x + width, tx + tile.shape[1], lv.width)
-                y1 = min(y + height, ty + tile.shape[0], lv.height)
-                if x1 <= x0 or y1 <= y0:
-                    continue
-                if (x1 - x0) % f or (y1 - y0) % f:  # blocks straddle a short tile or the edge
-                    return None
-                out[(y0 - y) // f : (y1 - y) // f, (x0 - x) // f : (x1 - x) // f] = cv2.resize(
-                    tile[y0 - ty : y1 - ty, x0 - tx : x1 - tx],
-                    ((x1 - x0) // f, (y1 - y0) // f),
-                    interpolation=cv2.INTER_AREA,
-                )
+        for part, x0, y0, x1, y1 in self._tile_parts(level, x, y, width, height):
+            if (x1 - x0) % f or (y1 - y0) % f:  # blocks straddle a short tile or the edge
+                return None
+            out[(y0 - y) // f : (y1 - y) // f, (x0 - x) // f : (x1 - x) // f] = cv2.resize(
+                part, ((x1 - x0) // f, (y1 - y0) // f), interpolation=cv2.INTER_AREA
+            )
         return out
 
     def _decoded(self, level: int, row: int, col: int) -> np.ndarray | None:
