@@ -823,7 +823,10 @@ def _client(
             processes=processes,
             memory_limit=memory_limit,
             dashboard_address=":0",
-            silence_logs=logging.ERROR,
+            # errors of a slide are caught and recorded by the batch itself; what dask would log
+            # at ERROR here is its own shutdown noise (a worker's heartbeat racing the
+            # scheduler's close after Ctrl-C printed a traceback), so only CRITICAL gets through
+            silence_logs=logging.CRITICAL,
         )
     try:
         with Client(cluster) as client:
