@@ -105,15 +105,17 @@ def test_mask_is_the_same_computed_in_row_blocks(scene, scene_mask, monkeypatch)
     # large overviews are processed a block of rows at a time (bounded memory); the blocks
     # must not change the mask, pen marks included
     import tilscore.tissue as tissue_mod
+    from tilscore.stain import row_blocks
 
-    real = tissue_mod._row_blocks
-    monkeypatch.setattr(tissue_mod, "_row_blocks", lambda h, w: real(h, w, block_px=7 * w))
-    assert len(tissue_mod._row_blocks(*scene["rgb"].shape[:2])) > 10
+    h, w = scene["rgb"].shape[:2]
+    real = tissue_mod._BLOCK_PX
+    monkeypatch.setattr(tissue_mod, "_BLOCK_PX", 7 * w)
+    assert len(row_blocks(h, w, tissue_mod._BLOCK_PX)[0]) > 10
     blocked = tissue_mask(scene["rgb"], MPP, target_mpp=MPP)
     np.testing.assert_array_equal(blocked.mask, scene_mask.mask)
     assert blocked.info == scene_mask.info
     pen = tissue_mod.pen_mask(scene["rgb"])
-    monkeypatch.setattr(tissue_mod, "_row_blocks", real)
+    monkeypatch.setattr(tissue_mod, "_BLOCK_PX", real)
     np.testing.assert_array_equal(pen, tissue_mod.pen_mask(scene["rgb"]))
     assert pen[scene["pen"]].mean() > 0.9
 

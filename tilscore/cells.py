@@ -34,6 +34,7 @@ import pandas as pd
 
 from .errors import ConfigError, check_positive
 from .markers import CELL_CLASSES, MarkerRule, get_marker
+from .stain import row_blocks
 
 #: the cells table: column -> dtype, in order (required ones first)
 CELL_COLUMNS: dict[str, str] = {
@@ -191,13 +192,6 @@ def _source_lut(
     return lut
 
 
-def _row_blocks(h: int, w: int):
-    """Row slices of about :data:`_BLOCK_PX` pixels: per-pixel steps run block by block, so
-    that their temporaries stay small (in cache, and reused rather than fresh pages)."""
-    rows = max(1, _BLOCK_PX // max(w, 1))
-    return [slice(y, min(y + rows, h)) for y in range(0, h, rows)], rows
-
-
 def nearest_label(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distance to and label of the nearest labelled pixel, for every pixel.
 
@@ -303,7 +297,7 @@ def _segment_nuclei(
     floor[1:] = np.maximum(foreground_od, peak_fraction * peak)
     radius = max_radius_um / mpp  # a Python float: compared in float32
     out = np.empty((h, w), np.int32)
-    blocks, rows = _row_blocks(h, w)
+    blocks, rows = row_blocks(h, w, _BLOCK_PX)
     floor_px = np.empty((rows, w), np.float32)
     keep, near = np.empty((rows, w), bool), np.empty((rows, w), bool)
     for ys in blocks:
@@ -373,7 +367,7 @@ def _compartment_sums(
     sums, nuc_sums = np.zeros(size), np.zeros(size)
     flag_counts = np.zeros(size, np.intp)
     h, w = dist.shape
-    blocks, rows = _row_blocks(h, w)
+    blocks, rows = row_blocks(h, w, _BLOCK_PX)
     code, above = np.empty((rows, w), np.uint8), np.empty((rows, w), bool)
     key = np.empty((rows, w), np.intp)
     val, nuc_val = np.empty((rows, w)), np.empty((rows, w))  # float64, as bincount reads them

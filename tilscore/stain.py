@@ -606,14 +606,24 @@ def deconvolve(
     # Row blocks of about 256 k pixels: the OD block stays in cache between the table look-up
     # and the matrix product (measured 1.5x faster than whole-image passes on 2048 px tiles,
     # and 2x faster than transforming in place).
-    rows = max(1, _BLOCK_PIXELS // max(1, a.shape[1]))
+    blocks, rows = row_blocks(a.shape[0], a.shape[1], _BLOCK_PIXELS)
     tmp = np.empty((min(rows, a.shape[0]), a.shape[1], 3), dtype=np.float32)
-    for r in range(0, a.shape[0], rows):
-        src = a[r : r + rows]
+    for ys in blocks:
+        src = a[ys]
         od = tmp[: src.shape[0]]
         cv2.LUT(src, lut, dst=od)
-        cv2.transform(od, m, dst=out[r : r + rows])
+        cv2.transform(od, m, dst=out[ys])
     return out
+
+
+def row_blocks(h: int, w: int, block_px: int) -> tuple[list[slice], int]:
+    """Row slices of an (h, w) image, about ``block_px`` pixels each, and the rows per block.
+
+    Per-pixel steps run block by block so that their temporaries stay small: in cache, and
+    reused rather than fresh pages (deconvolution, cell measurements, tissue-mask rules).
+    """
+    rows = max(1, block_px // max(w, 1))
+    return [slice(y, min(y + rows, h)) for y in range(0, h, rows)], rows
 
 
 def _channel_indices(channels: Any, names: Sequence[str]) -> list[int]:

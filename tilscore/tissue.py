@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError, MissingPixelSizeError, TilscoreWarning
-from .stain import estimate_background, optical_density
+from .stain import estimate_background, optical_density, row_blocks
 
 if TYPE_CHECKING:  # pragma: no cover
     import shapely
@@ -55,6 +55,9 @@ if TYPE_CHECKING:  # pragma: no cover
 MIN_TISSUE_AREA_UM2 = 20_000.0
 #: Holes up to 0.02 mm² are filled; larger holes (tears, big vessels, lumens) stay holes.
 MAX_HOLE_AREA_UM2 = 20_000.0
+#: pixels per row block of the per-pixel rules on the overview (bounded float temporaries on
+#: large slides: a 16-gigapixel slide's 8 µm/px overview has 15.7 M pixels)
+_BLOCK_PX = 1 << 18
 
 
 @dataclass(eq=False)
@@ -263,12 +266,6 @@ def _as_multipolygon(geom: Any) -> shapely.MultiPolygon:
 # computing the mask
 
 
-def _row_blocks(h: int, w: int, block_px: int = 1 << 18) -> list[slice]:
-    """Row slices of about ``block_px`` pixels, for per-pixel steps on large overviews."""
-    rows = max(1, block_px // max(w, 1))
-    return [slice(y, min(y + rows, h)) for y in range(0, h, rows)]
-
-
 def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Hue (degrees), saturation (0-1) and value (0-255) as float32 arrays."""
     f = rgb.astype(np.float32)
@@ -302,7 +299,7 @@ def pen_mask(rgb: np.ndarray, background: np.ndarray | None = None) -> np.ndarra
 
     i0 = 255.0 if background is None else float(np.max(background))
     ink = np.zeros(rgb.shape[:2], np.uint8)
-    for rows in _row_blocks(rgb.shape[0], rgb.shape[1]):  # bounded float temporaries
+    for rows in row_blocks(rgb.shape[0], rgb.shape[1], _BLOCK_PX)[0]:
         hue, sat, val = _hsv(rgb[rows])
         blue = (hue >= 180) & (hue <= 235) & (sat >= 0.55) & (val <= 0.85 * i0)
         green = (hue >= 70) & (hue <= 170) & (sat >= 0.25)
@@ -457,7 +454,7 @@ def tissue_mask(
         background_source = "user"
 
     od = np.empty(rgb.shape[:2], np.float32)  # the largest channel OD, row block by row block
-    for rows in _row_blocks(rgb.shape[0], rgb.shape[1]):
+    for rows in row_blocks(rgb.shape[0], rgb.shape[1], _BLOCK_PX)[0]:
         od3 = optical_density(rgb[rows], i0)
         np.maximum(np.maximum(od3[..., 0], od3[..., 1]), od3[..., 2], out=od[rows])
     od = cv2.GaussianBlur(od, (0, 0), 1.0)
