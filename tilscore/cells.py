@@ -449,11 +449,7 @@ def measure_cells(
     n = len(table)
     h, w = conc.shape[:2]
     if n == 0:
-        out = table.copy()
-        out["dab_od_surround"] = np.zeros(0, np.float32)
-        out["cell_area_um2"] = np.zeros(0, np.float32)
-        out["dab_ring_coverage"] = np.zeros(0, np.float32)
-        return validate_cells(out)
+        return _with_columns(table, {col: np.zeros(0) for col in OPTIONAL_COLUMNS})
     scratch = None
     if nuclei is None:
         hem_img = np.ascontiguousarray(conc[..., 0])
