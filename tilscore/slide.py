@@ -1193,19 +1193,18 @@ class Slide:
                     continue
                 x, y = cx - overlap * ds, cy - overlap * ds
                 box = crop(x, y, ds, full) if crop is not None else None
-                if box is None:
-                    image = self._read_scaled(x, y, full * ds, full * ds, full, full, level)
-                    yield Tile(image, x, y, mpp, ds, col, row, overlap)
-                    continue
-                (y0, y1), (x0, x1) = box[0].indices(full)[:2], box[1].indices(full)[:2]
-                if whole_blocks:
+                (y0, y1), (x0, x1) = ((0, full), (0, full)) if box is None else (
+                    box[0].indices(full)[:2], box[1].indices(full)[:2]
+                )  # fmt: skip
+                if box is not None and whole_blocks:  # read only the part
                     image = self._read_scaled(
                         x + x0 * ds, y + y0 * ds, (x1 - x0) * ds, (y1 - y0) * ds,
                         x1 - x0, y1 - y0, level,
                     )  # fmt: skip
-                else:
+                else:  # read the whole tile (and cut it)
                     image = self._read_scaled(x, y, full * ds, full * ds, full, full, level)
-                    image = np.ascontiguousarray(image[y0:y1, x0:x1])
+                    if box is not None:
+                        image = np.ascontiguousarray(image[y0:y1, x0:x1])
                 yield Tile(image, x, y, mpp, ds, col, row, overlap, ox=x0, oy=y0)
 
     def to_dask(self, level: int = 0) -> dask.array.Array:
