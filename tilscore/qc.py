@@ -58,12 +58,9 @@ def slide_info(slide: Slide) -> dict[str, Any]:
 
 
 def _save_png(image: np.ndarray, path: Path) -> Path:
-    from PIL import Image
+    from .export import write_png
 
-    from .export import atomic_write
-
-    pil = Image.fromarray(np.ascontiguousarray(image))
-    return atomic_write(path, lambda tmp: pil.save(tmp, format="PNG"))
+    return write_png(image, path)
 
 
 def write_thumbnail(slide: Slide, path: str | os.PathLike, max_size: int = 1024) -> Path:

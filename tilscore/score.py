@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import io
 import json
 import os
 import platform
@@ -325,8 +324,8 @@ class SlideResult:
             ds = ds / scale
         return np.ascontiguousarray(th), ds
 
-    def to_html(self, images: dict[str, np.ndarray] | None = None) -> str:
-        """A self-contained HTML report (images embedded as PNG data)."""
+    def to_html(self, images: dict[str, np.ndarray | bytes] | None = None) -> str:
+        """A self-contained HTML report (images, arrays or PNG bytes, embedded as PNG data)."""
         images = (
             images
             if images is not None
@@ -345,8 +344,7 @@ class SlideResult:
         run.json (provenance) and report.html, as ``[output]`` in the config says.
         """
         from .config import load_config
-        from .export import atomic_write, write_cells
-        from .qc import _save_png
+        from .export import atomic_write, encode_png, write_cells, write_png
 
         cfg = load_config(config if config is not None else self.provenance.get("config"))
         out_cfg = cfg["output"]
@@ -362,15 +360,15 @@ class SlideResult:
             files["cells_geojson"] = write_cells(self.cells, folder / "cells.geojson")
         if out_cfg["regions_geojson"]:
             files["regions"] = self.compartment_regions().save(folder / "regions.geojson")
-        images: dict[str, np.ndarray] = {}
+        images: dict[str, np.ndarray | bytes] = {}  # each image encoded once: file and report
         if out_cfg["overlay"] or out_cfg["report"]:
-            images["overlay"] = self.overlay_image()
+            images["overlay"] = encode_png(self.overlay_image())
         if out_cfg["heatmap"] or out_cfg["report"]:
-            images["heatmap"] = self.heatmap_image(out_cfg["heatmap_cell_um"])
+            images["heatmap"] = encode_png(self.heatmap_image(out_cfg["heatmap_cell_um"]))
         if out_cfg["overlay"]:
-            files["overlay"] = _save_png(images["overlay"], folder / "overlay.png")
+            files["overlay"] = write_png(images["overlay"], folder / "overlay.png")
         if out_cfg["heatmap"]:
-            files["heatmap"] = _save_png(images["heatmap"], folder / "heatmap.png")
+            files["heatmap"] = write_png(images["heatmap"], folder / "heatmap.png")
         prov = json.dumps(to_jsonable(self.provenance), indent=1)
         files["run"] = atomic_write(folder / "run.json", lambda p: p.write_text(prov))
         if out_cfg["report"]:
@@ -455,12 +453,10 @@ def _legend(draw: Any, items: list[tuple[str, tuple[int, int, int]]]) -> None:
         y += 20
 
 
-def _png_b64(image: np.ndarray) -> str:
-    from PIL import Image
+def _png_b64(image: np.ndarray | bytes) -> str:
+    from .export import encode_png
 
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", optimize=True)
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(image if isinstance(image, bytes) else encode_png(image)).decode()
 
 
 def _fmt(v: Any) -> str:
@@ -469,7 +465,7 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _report_html(res: SlideResult, images: dict[str, np.ndarray]) -> str:
+def _report_html(res: SlideResult, images: dict[str, np.ndarray | bytes]) -> str:
     prov = res.provenance
     det = prov.get("detection", {})
     rule = det.get("marker", {})
