@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import numpy as np
@@ -249,3 +250,34 @@ def test_auto_regions_from_dense_tumour_nuclei():
         warnings.simplefilter("error")
         empty = auto_regions(cells.iloc[:0], 2000, 2000, 0.5)
     assert len(empty) == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fill_all_holes_matches_scipy(seed):
+    from scipy import ndimage
+
+    from tilscore.tissue import _fill_small_holes
+
+    rng = np.random.default_rng(seed)
+    mask = ndimage.binary_opening(rng.uniform(size=(97, 131)) < 0.55 + 0.05 * seed)
+    np.testing.assert_array_equal(
+        _fill_small_holes(mask, math.inf), ndimage.binary_fill_holes(mask)
+    )
+
+
+def test_auto_nests_have_no_holes_and_no_specks():
+    import pandas as pd
+
+    # a tumour annulus (a nest with stroma inside it) and a speck of four tumour nuclei
+    gx, gy = np.meshgrid(np.arange(0, 3000, 24.0), np.arange(0, 3000, 24.0))
+    pts = np.column_stack([gx.ravel(), gy.ravel()])
+    r = np.hypot(pts[:, 0] - 1500, pts[:, 1] - 1500)
+    ring = pts[(r > 250) & (r < 700)]
+    speck = np.array([[200.0, 200], [210, 200], [200, 210], [210, 210]])
+    xy = np.r_[ring, speck]
+    cells = pd.DataFrame({"x": xy[:, 0], "y": xy[:, 1], "cell_class": "tumour"})
+    nests = auto_regions(cells, 3000, 3000, 0.5).geometry("tumour")
+    assert shapely.contains_xy(nests, 1500, 1500)  # the hole is filled
+    assert not shapely.contains_xy(nests, 205, 205)  # the speck is below min_nest_area_um2
+    assert nests.geom_type == "Polygon"
+    assert len(nests.interiors) == 0
