@@ -64,6 +64,19 @@ def test_geojson_holds_every_cell_with_rounded_values_and_null_for_nan(tmp_path)
     assert "Cell: DAB OD mean" not in feats[0]["properties"]["measurements"]  # column absent
 
 
+def test_geojson_takes_nullable_and_object_columns(tmp_path):
+    cells = _cells(3)
+    cells["intensity_bin"] = pd.array([1, None, 3], dtype="Int64")  # e.g. read back from CSV
+    cells["dab_od_membrane"] = pd.Series([0.5, None, "0.25"], dtype=object).astype(float)
+    feats = json.loads(write_cells(cells, tmp_path / "c.geojson").read_text())["features"]
+    assert [f["properties"]["measurements"]["Intensity bin"] for f in feats] == [1, None, 3]
+    assert [f["properties"]["measurements"]["Membrane: DAB OD mean"] for f in feats] == [
+        0.5,
+        None,
+        0.25,
+    ]
+
+
 @pytest.mark.parametrize("n", [0, 1, 6, 7, 20])
 def test_geojson_in_chunks_is_the_same_document(tmp_path, n):
     cells = _cells(n, seed=n)

@@ -73,13 +73,12 @@ def write_png(image: np.ndarray | bytes, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def _json_values(a: np.ndarray, decimals: int) -> list[Any]:
-    """A column as JSON-ready Python values: rounded floats, ints, None for NaN and infinity."""
-    if a.dtype.kind == "b":
-        return a.astype(np.int64).tolist()
-    if a.dtype.kind in "iu":
-        return a.tolist()
-    f = np.round(a.astype(np.float64), decimals)
+def _json_values(column: pd.Series, decimals: int) -> list[Any]:
+    """A column as JSON-ready Python values: ints, rounded floats, None where missing or not
+    finite (NaN, infinity, pandas' NA)."""
+    if column.dtype.kind in "biu" and not column.hasnans:  # bool and integer columns
+        return column.to_numpy(np.int64).tolist()
+    f = np.round(column.to_numpy(np.float64, na_value=np.nan), decimals)
     ok = np.isfinite(f)
     if ok.all():
         return f.tolist()
@@ -88,11 +87,11 @@ def _json_values(a: np.ndarray, decimals: int) -> list[Any]:
 
 def _features(cells: pd.DataFrame) -> Iterator[dict[str, Any]]:
     cols = [c for c in _MEASUREMENTS if c in cells.columns]
-    xs = _json_values(cells["x"].to_numpy(float), _XY_DECIMALS)
-    ys = _json_values(cells["y"].to_numpy(float), _XY_DECIMALS)
+    xs = _json_values(cells["x"], _XY_DECIMALS)
+    ys = _json_values(cells["y"], _XY_DECIMALS)
     names = np.where(cells["positive"].to_numpy(bool), "Positive", "Negative").tolist()
     classes = cells["cell_class"].astype(str).tolist() if "cell_class" in cells else None
-    values = [_json_values(cells[c].to_numpy(), _VALUE_DECIMALS) for c in cols]
+    values = [_json_values(cells[c], _VALUE_DECIMALS) for c in cols]
     keys = [_MEASUREMENTS[c] for c in cols]
     classification = {n: {"name": n, "color": CLASS_COLOURS[n]} for n in CLASS_COLOURS}
     for i, name in enumerate(names):
