@@ -184,6 +184,26 @@ def test_polygons_of_nested_islands():
     assert (maxx, maxy) == pytest.approx((60 * 4, 55 * 4), abs=2)
 
 
+def test_polygons_do_not_depend_on_empty_space_around_the_mask():
+    """The outline of a mask placed at an offset in a larger empty grid is the same outline,
+    moved by the offset (polygons works on the mask's bounding box)."""
+    import shapely
+
+    rng = np.random.default_rng(7)
+    m = cv2.morphologyEx(
+        (rng.uniform(size=(40, 50)) < 0.6).astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3))
+    ).astype(bool)
+    m[0, :] = True  # touches the small grid's border
+    big = np.zeros((100, 120), dtype=bool)
+    big[23:63, 31:81] = m
+    ds = 4.0
+    small = TissueMask(m, mpp=2.0, downsample=ds).polygons()
+    moved = shapely.affinity.translate(small, xoff=31 * ds, yoff=23 * ds)
+    got = TissueMask(big, mpp=2.0, downsample=ds).polygons()
+    assert got.equals(moved)
+    assert got.area == pytest.approx(small.area)
+
+
 def test_level0_scaling_from_a_finer_image(scene):
     """The same scene scanned at 2 µm/px: the mask is at 8 µm/px and answers in level-0 px."""
     fine = cv2.resize(scene["rgb"], None, fx=4, fy=4, interpolation=cv2.INTER_NEAREST)

@@ -198,14 +198,23 @@ class TissueMask:
         import shapely
         from skimage.measure import find_contours
 
-        if not self.mask.any():
+        rows = np.flatnonzero(self.mask.any(axis=1))
+        if not len(rows):
             return shapely.MultiPolygon()
-        padded = np.pad(self.mask, 1).astype(np.float32)
+        cols = np.flatnonzero(self.mask.any(axis=0))
+        r0, c0 = int(rows[0]), int(cols[0])
+        # the mask's bounding box only (the same contours, moved): automatic nests on a large
+        # slide may cover a small part of its grid; find_contours makes a float64 copy of what
+        # it is given, so it gets the bool mask (1 byte per pixel) rather than a float one
+        box = self.mask[r0 : int(rows[-1]) + 1, c0 : int(cols[-1]) + 1]
+        padded = np.pad(box.astype(bool, copy=False), 1)
         rings = [r for r in find_contours(padded, 0.5, fully_connected="high") if len(r) >= 4]
-        # (row, col) in padded mask px -> (x, y) level-0 px: edge at index + 0.5 lies at
-        # (index + 0.5 - 1 + 0.5) * downsample
+        # (row, col) in padded box px -> (x, y) level-0 px: edge at index + 0.5 lies at
+        # (index + 0.5 - 1 + 0.5 + box corner) * downsample
         ds = self.downsample
-        coords = [np.column_stack([(r[:, 1] - 0.5) * ds, (r[:, 0] - 0.5) * ds]) for r in rings]
+        coords = [
+            np.column_stack([(r[:, 1] - 0.5 + c0) * ds, (r[:, 0] - 0.5 + r0) * ds]) for r in rings
+        ]
         polys = [shapely.Polygon(c) for c in coords]
         areas = np.array([p.area for p in polys])
         tree = shapely.STRtree(polys)
