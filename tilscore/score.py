@@ -700,7 +700,7 @@ def iter_score_slide(
             yield "regions", 1, 1
             yield "score", 0, 1
             label, in_margin = comps.assign(cells["x"], cells["y"])
-            cells = cells.copy()
+            cells = cells.copy(deep=False)  # new columns only: the measurements are not copied
             cells["compartment"] = pd.Categorical(
                 label, categories=["intratumoral", "stromal", "tissue", "excluded", "outside"]
             )
