@@ -11,7 +11,7 @@ import tilscore
 from tilscore.synthetic import make_layout, write_slide
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from run import mosaic_slide, score_in_subprocess, stage_end_to_end
+from run import mosaic_slide, score_in_subprocess, stage_end_to_end, stage_scaling
 
 
 def test_mosaic_repeats_the_slide_tiles_exactly(tmp_path: Path) -> None:
@@ -53,3 +53,11 @@ def test_end_to_end_rows_time_the_outputs_too(tmp_path: Path, monkeypatch) -> No
     save_rows = [r for r in rows if r.stage == "score + save"]
     assert [r.units for r in save_rows] == ["MP tissue/s", "MB peak RSS"]
     assert save_rows[0].ours < rows[0].ours  # saving takes time
+    assert all(r.met for r in rows if r.units == "MB peak RSS")  # a small slide, far below 2 GB
+    scaling = stage_scaling([path, path])
+    assert [r.ours_name for r in scaling[:3]] == [
+        "time",
+        "peak memory",
+        "peak memory, outputs written",
+    ]
+    assert all(r.ratio == 1.0 for r in scaling)  # the same result on both "sizes"
