@@ -85,28 +85,56 @@ def _json_values(column: pd.Series, decimals: int) -> list[Any]:
     return [v if k else None for v, k in zip(f.tolist(), ok.tolist())]
 
 
-def _features(cells: pd.DataFrame) -> Iterator[dict[str, Any]]:
-    cols = [c for c in _MEASUREMENTS if c in cells.columns]
+def _columns(
+    cells: pd.DataFrame,
+) -> tuple[list[Any], list[Any], list[bool], list[str] | None, dict[str, list[Any]]]:
+    """The features' values, column by column: x, y (2 decimals), positive, the cell class
+    (None without that column) and each measurement by its QuPath name (5 decimals)."""
     xs = _json_values(cells["x"], _XY_DECIMALS)
     ys = _json_values(cells["y"], _XY_DECIMALS)
-    names = np.where(cells["positive"].to_numpy(bool), "Positive", "Negative").tolist()
+    positive = cells["positive"].to_numpy(bool).tolist()
     classes = cells["cell_class"].astype(str).tolist() if "cell_class" in cells else None
-    values = [_json_values(cells[c], _VALUE_DECIMALS) for c in cols]
-    keys = [_MEASUREMENTS[c] for c in cols]
-    classification = {n: {"name": n, "color": CLASS_COLOURS[n]} for n in CLASS_COLOURS}
-    for i, name in enumerate(names):
-        props: dict[str, Any] = {
-            "objectType": "detection",
-            "classification": classification[name],
-            "measurements": dict(zip(keys, [v[i] for v in values])),
-        }
-        if classes is not None:
-            props["name"] = classes[i]
-        yield {
-            "type": "Feature",
-            "geometry": {"type": "Point", "coordinates": [xs[i], ys[i]]},
-            "properties": props,
-        }
+    measurements = {
+        name: _json_values(cells[col], _VALUE_DECIMALS)
+        for col, name in _MEASUREMENTS.items()
+        if col in cells.columns
+    }
+    return xs, ys, positive, classes, measurements
+
+
+#: the QuPath classification of a positive (True) and a negative (False) cell
+_CLASSIFICATION = {
+    p: {"name": n, "color": CLASS_COLOURS[n]} for p, n in ((True, "Positive"), (False, "Negative"))
+}
+
+
+def _feature(x: Any, y: Any, classification: Any, name: Any, measurements: Any) -> dict[str, Any]:
+    """One cell as a QuPath detection (``name``: the cell class, left out when None)."""
+    props: dict[str, Any] = {
+        "objectType": "detection",
+        "classification": classification,
+        "measurements": measurements,
+    }
+    if name is not None:
+        props["name"] = name
+    return {
+        "type": "Feature",
+        "geometry": {"type": "Point", "coordinates": [x, y]},
+        "properties": props,
+    }
+
+
+def _features(cells: pd.DataFrame) -> Iterator[dict[str, Any]]:
+    xs, ys, positive, classes, measurements = _columns(cells)
+    keys, values = list(measurements), list(measurements.values())
+    for i, p in enumerate(positive):
+        yield _feature(
+            xs[i],
+            ys[i],
+            _CLASSIFICATION[p],
+            None if classes is None else classes[i],
+            dict(zip(keys, [v[i] for v in values])),
+        )
 
 
 def cells_to_geojson(cells: pd.DataFrame) -> dict[str, Any]:
@@ -134,39 +162,34 @@ def _features_json(cells: pd.DataFrame) -> str:
     """
     if not len(cells):
         return ""
-    first = next(_features(cells.iloc[:1]))
-    props = first["properties"]
+    xs, ys, positive, classes, measurements = _columns(cells)
     slots: list[list[str]] = []
 
     def slot(texts: list[str]) -> str:
         slots.append(texts)
         return f"@@slot{len(slots) - 1}@@"
 
-    first["geometry"]["coordinates"] = [
-        slot(_json_texts(_json_values(cells["x"], _XY_DECIMALS))),
-        slot(_json_texts(_json_values(cells["y"], _XY_DECIMALS))),
-    ]
-    classification = {
-        n: json.dumps({"name": n, "color": CLASS_COLOURS[n]}, separators=(",", ":"))
-        for n in CLASS_COLOURS
-    }
-    positive = cells["positive"].to_numpy(bool)
-    props["classification"] = slot(
-        np.where(positive, classification["Positive"], classification["Negative"]).tolist()
-    )
-    by_key = {_MEASUREMENTS[c]: c for c in _MEASUREMENTS if c in cells.columns}
-    for key in props["measurements"]:
-        props["measurements"][key] = slot(
-            _json_texts(_json_values(cells[by_key[key]], _VALUE_DECIMALS))
-        )
-    if "name" in props:
-        classes = cells["cell_class"].astype(str)
-        names = {c: json.dumps(c) for c in classes.unique()}
-        props["name"] = slot(classes.map(names).tolist())
-    template = json.dumps(first, separators=(",", ":")).replace("%", "%%")
-    for i in range(len(slots)):
+    compact = (",", ":")
+    classification = {p: json.dumps(c, separators=compact) for p, c in _CLASSIFICATION.items()}
+    names = None
+    if classes is not None:
+        text = {c: json.dumps(c) for c in set(classes)}
+        names = slot([text[c] for c in classes])
+    template = json.dumps(
+        _feature(
+            slot(_json_texts(xs)),
+            slot(_json_texts(ys)),
+            slot([classification[p] for p in positive]),
+            names,
+            {k: slot(_json_texts(v)) for k, v in measurements.items()},
+        ),
+        separators=compact,
+    ).replace("%", "%%")
+    # the placeholders become %s in the order they appear in the text, and the values follow it
+    order = sorted(range(len(slots)), key=lambda i: template.index(f'"@@slot{i}@@"'))
+    for i in order:
         template = template.replace(f'"@@slot{i}@@"', "%s")
-    return ",".join(template % row for row in zip(*slots))
+    return ",".join(template % row for row in zip(*[slots[i] for i in order]))
 
 
 def write_cells_geojson(cells: pd.DataFrame, path: str | os.PathLike, chunk: int = 20_000) -> Path:
