@@ -701,21 +701,19 @@ def auto_regions(
     np.add.at(all_n, (yi, xi), 1.0)
     np.add.at(tum_n, (yi[is_t], xi[is_t]), 1.0)
     s = sigma_um / grid_um
-    # smoothed densities, fraction and tests computed in place: a 16-gigapixel slide's grid
-    # has 16 M cells, 63 MB per float32 copy
+    # the grids are smoothed and divided in place: a 16-gigapixel slide's grid has 16 M cells,
+    # 63 MB per float32 copy
     if s > 0:
         cv2.GaussianBlur(all_n, (0, 0), s, dst=all_n)
         cv2.GaussianBlur(tum_n, (0, 0), s, dst=tum_n)
-    all_d, tum_d = all_n, tum_n
     per_mm2 = 1e6 / (grid_um * grid_um)
-    nest = tum_d * per_mm2 >= min_density_per_mm2
-    frac = tum_d  # tumour / all where there are cells, else 0
-    some = all_d > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        np.divide(tum_d, all_d, out=frac, where=some)
-    frac[~some] = 0.0
-    nest &= frac >= min_tumour_fraction
-    del all_n, tum_n, all_d, tum_d, frac, some
+    nest = tum_n * per_mm2 >= min_density_per_mm2
+    some = all_n > 0
+    with np.errstate(invalid="ignore", divide="ignore"):  # tum_n becomes the tumour fraction
+        np.divide(tum_n, all_n, out=tum_n, where=some)
+    tum_n[~some] = 0.0
+    nest &= tum_n >= min_tumour_fraction
+    del all_n, tum_n, some
     min_px = min_nest_area_um2 / (grid_um * grid_um)
     # nests: 4-connected components of at least min_px grid cells, holes filled
     _, lab, stats, _ = cv2.connectedComponentsWithStats(nest.view(np.uint8), connectivity=4)
