@@ -296,6 +296,7 @@ def od_input(
     rgb: np.ndarray,
     background: Sequence[float] | np.ndarray | None = None,
     clip: Sequence[float] = (0.0, 2.5),
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Network input: optical density ``-log10(max(I, 1) / I0)`` per RGB channel, clipped.
 
@@ -307,11 +308,14 @@ def od_input(
         Glass intensity ``I0`` (R, G, B) in 8-bit units; ``None`` = 255.
     clip
         (low, high) OD bounds.
+    out
+        Optional (H, W, 3) float32 array to write into (may be a view of a larger image whose
+        rows are contiguous, such as the top-left corner of a padded batch).
 
     Returns
     -------
     numpy.ndarray
-        (H, W, 3) float32.
+        (H, W, 3) float32 (``out`` where given).
     """
     import cv2
 
@@ -321,7 +325,15 @@ def od_input(
     levels = np.maximum(np.arange(256, dtype=np.float64), 1.0)
     lut = np.clip(-np.log10(levels[:, None] / bg[None, :]), clip[0], clip[1])
     lut = np.ascontiguousarray(lut.reshape(1, 256, 3), dtype=np.float32)
-    return cv2.LUT(np.ascontiguousarray(rgb), lut)
+    rgb = np.ascontiguousarray(rgb)
+    if out is None:
+        return cv2.LUT(rgb, lut)
+    if out.shape != rgb.shape or out.dtype != np.float32:
+        raise ConfigError(f"out must be float32 of shape {rgb.shape}, got {out.dtype} {out.shape}")
+    result = cv2.LUT(rgb, lut, dst=out)
+    if result is not out and not np.shares_memory(result, out):  # pragma: no cover - OpenCV
+        out[...] = result  # a binding that allocated instead of writing into ``out``
+    return out
 
 
 def _check_rgb(rgb: Any) -> np.ndarray:
@@ -512,13 +524,17 @@ class CNNDetector:
             prob = torch.softmax(out[:, 1:], dim=1)
         return heat.cpu().numpy(), prob.cpu().numpy()
 
-    def _prepare(self, rgb: Any, background, shape: tuple[int, int]) -> np.ndarray:
-        a = _check_rgb(rgb)
+    def _prepare(self, arrays: Sequence[np.ndarray], background, shape: tuple[int, int]):
+        """(N, H, W, 3) float32 OD of RGB images padded to ``shape`` with glass (OD 0).
+
+        Each image's OD is written straight into the batch (no per-image copy, no stacking).
+        """
         bg = self.config["default_background"] if background is None else background
-        od = od_input(a, bg, self.config["od_clip"])
-        out = np.zeros((*shape, 3), np.float32)  # padding = OD 0 = glass
-        out[: a.shape[0], : a.shape[1]] = od
-        return out
+        exact = all(a.shape[:2] == tuple(shape) for a in arrays)
+        batch = (np.empty if exact else np.zeros)((len(arrays), *shape, 3), np.float32)
+        for a, dst in zip(arrays, batch):
+            od_input(a, bg, self.config["od_clip"], out=dst[: a.shape[0], : a.shape[1]])
+        return batch
 
     def predict(
         self,
@@ -578,7 +594,7 @@ class CNNDetector:
         for shape, idx in groups.items():
             for start in range(0, len(idx), bs):
                 chunk = idx[start : start + bs]
-                batch = np.stack([self._prepare(arrays[i], background, shape) for i in chunk])
+                batch = self._prepare([arrays[i] for i in chunk], background, shape)
                 heat, prob = self._forward(batch)
                 for k, i in enumerate(chunk):
                     if _is_flat(arrays[i]):  # e.g. all black: its border would look like a nucleus
@@ -612,7 +628,7 @@ class CNNDetector:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Raw outputs for one image: heat (h, w) and class probabilities (C, h, w) at 1/stride."""
         a = _check_rgb(rgb)
-        heat, prob = self._forward(self._prepare(a, background, _padded_shape(a.shape))[None])
+        heat, prob = self._forward(self._prepare([a], background, _padded_shape(a.shape)))
         s = int(self.config["output_stride"])
         h, w = -(-a.shape[0] // s), -(-a.shape[1] // s)
         return heat[0, :h, :w], prob[0, :, :h, :w]
