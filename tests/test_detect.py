@@ -165,6 +165,29 @@ def test_stopping_early_stops_the_worker_threads(cd8_field):
     assert not [t for t in threading.enumerate() if t.name.startswith("tilscore-tile")]
 
 
+def test_freed_memory_is_given_back_before_and_after_the_tiles(cd8_field, monkeypatch):
+    """glibc keeps freed memory per thread arena: it is released once the stain QC is done and
+    once the workers are, not per tile; elsewhere than glibc nothing is called."""
+    import tilscore.detect as detect
+    from tilscore.detect import iter_detect_cells
+
+    malloc_trim = detect._malloc_trim
+    calls: list[int] = []
+    monkeypatch.setattr(detect, "_malloc_trim", lambda: lambda pad: calls.append(pad) or 1)
+    rgb, _, _ = cd8_field
+    gen = iter_detect_cells(rgb, mpp=0.5, detector="classical", tile_size_px=128)
+    next(gen)
+    assert calls == [0]  # before the first tile
+    steps = sum(1 for _ in gen)
+    assert steps > 4
+    assert calls == [0, 0]  # and once after the last
+
+    malloc_trim.cache_clear()
+    monkeypatch.setattr(detect.sys, "platform", "darwin")
+    assert malloc_trim() is None
+    malloc_trim.cache_clear()
+
+
 def test_glass_around_tissue_is_not_processed_and_changes_no_cell(tmp_path, monkeypatch):
     """Tiles are cut to their tissue (plus the halo): the same cells, fewer pixels processed."""
     import tilscore.detect as detect

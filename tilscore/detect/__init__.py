@@ -18,6 +18,7 @@ slide), QuPath's convention: pixel (i, j) covers [i, i + 1) x [j, j + 1), so its
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing
 from dataclasses import dataclass
@@ -315,6 +316,32 @@ def _detect_tile(
     return cells
 
 
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None (another C library, another system)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # musl, or no libc.so.6
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return the memory that the C allocator keeps after a stage to the system (glibc only).
+
+    glibc keeps freed memory for reuse, but only by the thread arena that freed it: what the
+    stain QC and the tissue mask freed in the calling thread cannot serve the tile workers, and
+    what the workers freed cannot serve the regions and scoring that follow. Called once before
+    and once after the tiles (not per tile: memory given back is faulted in again).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _n_workers(workers: int | None) -> int:
     """Tiles processed at once: ``None`` -> :data:`DEFAULT_WORKERS` (at most the CPU count)."""
     import os
@@ -403,6 +430,7 @@ def iter_detect_cells(
         geom = _as_region(region, slide)
         area = _Area(tissue, geom) if (tissue is not None or geom is not None) else None
         total = _count_tiles(slide, det.mpp, tile_size_px, area)
+        release_freed_memory()
         parts: list[pd.DataFrame] = []
         done = 0
         yield done, total
@@ -423,6 +451,8 @@ def iter_detect_cells(
                 done += 1
                 yield done, total
         cells = pd.concat(parts, ignore_index=True) if parts else measure_cells_empty()
+        del parts
+        release_freed_memory()
         w0, h0 = slide.dimensions
         inside = (cells["x"] >= 0) & (cells["x"] < w0) & (cells["y"] >= 0) & (cells["y"] < h0)
         cells = cells.loc[inside]
