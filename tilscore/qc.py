@@ -129,11 +129,13 @@ def _sample_tissue_boxes(
     """Level-0 boxes (x, y, side) of up to ``max_tiles`` tissue tiles spread over the slide."""
     side = size_px * mpp / slide.mpp  # level-0 px
     w, h = slide.dimensions
-    boxes = []
-    for y in np.arange(0, max(h - side, 0) + 1, side):
-        for x in np.arange(0, max(w - side, 0) + 1, side):
-            if tissue.fraction_in(x, y, side, side) >= min_fraction:
-                boxes.append((float(x), float(y), float(side)))
+    ys, xs = np.meshgrid(
+        np.arange(0, max(h - side, 0) + 1, side),
+        np.arange(0, max(w - side, 0) + 1, side),
+        indexing="ij",
+    )  # row by row, as the scan goes; every box's fraction in one call
+    on = np.atleast_1d(tissue.fraction_in(xs.ravel(), ys.ravel(), side, side)) >= min_fraction
+    boxes = [(float(x), float(y), float(side)) for x, y in zip(xs.ravel()[on], ys.ravel()[on])]
     if len(boxes) > max_tiles:  # evenly spaced over the scan order: deterministic and spread out
         pick = np.linspace(0, len(boxes) - 1, max_tiles).round().astype(int)
         boxes = [boxes[i] for i in pick]
