@@ -30,11 +30,10 @@ import html
 import json
 import os
 import platform
-import threading
 import time
 import warnings
 from collections.abc import Generator
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,17 +90,12 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 
 def _in_thread(fn: Any, *args: Any) -> Future:
-    """``fn(*args)`` started in a daemon thread; its result (or error) from ``.result()``."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(fn(*args))
-        except BaseException as exc:  # handed to whoever asks for the result
-            future.set_exception(exc)
-
-    threading.Thread(target=run, name="tilscore-hash", daemon=True).start()
-    return future
+    """``fn(*args)`` started in a thread of its own; its result (or error) from ``.result()``."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tilscore-hash")
+    try:
+        return pool.submit(fn, *args)
+    finally:
+        pool.shutdown(wait=False)  # the thread ends with the call
 
 
 def summarise(
