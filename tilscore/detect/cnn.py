@@ -322,9 +322,9 @@ def od_input(
     bg = np.full(3, 255.0) if background is None else np.asarray(background, np.float64)
     if bg.shape != (3,) or not np.all(np.isfinite(bg)) or np.any(bg <= 1):
         raise ConfigError(f"background must be 3 finite intensities > 1, got {background!r}")
-    levels = np.maximum(np.arange(256, dtype=np.float64), 1.0)
-    lut = np.clip(-np.log10(levels[:, None] / bg[None, :]), clip[0], clip[1])
-    lut = np.ascontiguousarray(lut.reshape(1, 256, 3), dtype=np.float32)
+    from ..stain import _od_lut
+
+    lut = np.clip(_od_lut(bg), clip[0], clip[1])  # the stain separation's OD table, clipped
     rgb = np.ascontiguousarray(rgb)
     if out is None:
         return cv2.LUT(rgb, lut)
