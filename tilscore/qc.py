@@ -57,15 +57,11 @@ def slide_info(slide: Slide) -> dict[str, Any]:
     }
 
 
-def _save_png(image: np.ndarray, path: Path) -> Path:
-    from .export import write_png
-
-    return write_png(image, path)
-
-
 def write_thumbnail(slide: Slide, path: str | os.PathLike, max_size: int = 1024) -> Path:
     """Write a PNG thumbnail of the whole slide whose longer side is ``max_size`` px."""
-    return _save_png(slide.thumbnail(max_size), Path(path))
+    from .export import write_png
+
+    return write_png(slide.thumbnail(max_size), Path(path))
 
 
 @dataclass
@@ -237,15 +233,16 @@ def write_stain_qc(qc: StainQC, slide: Slide, outdir: str | os.PathLike) -> dict
     dict
         Name -> path of each file written.
     """
+    from .export import write_png
     from .stain import deconvolve, reconstruct
 
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    files = {"tissue": _save_png(_outline(qc.overview, qc.tissue.mask), outdir / "tissue.png")}
+    files = {"tissue": write_png(_outline(qc.overview, qc.tissue.mask), outdir / "tissue.png")}
     conc = deconvolve(qc.overview, qc.stains, qc.background)
     for name in ("hematoxylin", "dab"):
         rendered = reconstruct(conc, qc.stains, qc.background, channels=(name,))
-        files[name] = _save_png(rendered, outdir / f"{name}.png")
+        files[name] = write_png(rendered, outdir / f"{name}.png")
     if qc.sample_tiles:
         dab = [
             float(deconvolve(t, qc.stains, qc.background)[..., 1].mean()) for t in qc.sample_tiles
@@ -260,7 +257,7 @@ def write_stain_qc(qc: StainQC, slide: Slide, outdir: str | os.PathLike) -> dict
             ],
             axis=1,
         )
-        files["stain_tile"] = _save_png(panel, outdir / "stain_tile.png")
+        files["stain_tile"] = write_png(panel, outdir / "stain_tile.png")
     from .export import atomic_write
 
     text = json.dumps(qc.to_dict(), indent=2)

@@ -106,11 +106,11 @@ class Registration:
 
     def save_qc(self, path: str | os.PathLike) -> Path:
         """Write the QC overlay as PNG."""
-        from .qc import _save_png
+        from .export import write_png
 
         if self.qc is None:
             raise ConfigError("this registration has no QC image")
-        return _save_png(self.qc, Path(path))
+        return write_png(self.qc, Path(path))
 
 
 def _mask_at(slide: Any, mpp: float) -> tuple[np.ndarray, float]:
