@@ -505,6 +505,48 @@ def _peak_rss_kb() -> float:
     return peak / 1024 if sys.platform == "darwin" else peak  # bytes on macOS, kB elsewhere
 
 
+class _StagePeaks:
+    """Resident memory sampled in a thread every ``interval`` s: the highest value per stage.
+
+    The stage is whatever :attr:`stage` was last set to (the progress step's stage name), so
+    the peak of a run can be put down to the step it happened in.
+    """
+
+    def __init__(self, interval: float = 0.05) -> None:
+        import threading
+
+        self.stage = "start"
+        self.peaks_mb: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._interval = interval
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _rss_mb() -> float | None:
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        return float(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None  # not Linux: no samples
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss, stage = self._rss_mb(), self.stage
+            if rss is None:
+                return
+            self.peaks_mb[stage] = max(self.peaks_mb.get(stage, 0.0), rss)
+            self._stop.wait(self._interval)
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        return {k: round(v) for k, v in self.peaks_mb.items()}
+
+
 def child_score(path: str, detector: str, baseline: bool = False, bf16: bool = False) -> int:
     """(Runs in the subprocess.) Score the slide from file to summary; print one JSON line."""
     import resource
@@ -531,6 +573,7 @@ def child_score(path: str, detector: str, baseline: bool = False, bf16: bool = F
     if detector == "cnn":
         import torch  # noqa: F401  (imported before the clock starts; the model load is timed)
     stages: dict[str, float] = {}
+    sampler = _StagePeaks()
     t0, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     if iter_score_slide is not None:
         gen = iter_score_slide(path, marker="CD8", config={"detect": {"detector": detector}})
@@ -549,6 +592,7 @@ def child_score(path: str, detector: str, baseline: bool = False, bf16: bool = F
         stage = step[0] if isinstance(step[0], str) else "detect"
         stages[stage] = stages.get(stage, 0.0) + now - t_last
         t_last = now
+        sampler.stage = stage
     stages["finish"] = time.perf_counter() - t_last
     n_cells = len(result.cells) if how == "score_slide" else len(result[0])
     seconds = time.perf_counter() - t0
@@ -560,10 +604,12 @@ def child_score(path: str, detector: str, baseline: bool = False, bf16: bool = F
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
+            sampler.stage = "save"
             t_save = time.perf_counter()
             result.save(tmp)
             save_seconds = time.perf_counter() - t_save
     peak_save_kb = _peak_rss_kb()
+    stage_peaks = sampler.stop()
     from tilscore.qc import slide_stain_qc
 
     with tilscore.open_slide(path) as s:  # the tissue area, after the timing
@@ -584,6 +630,8 @@ def child_score(path: str, detector: str, baseline: bool = False, bf16: bool = F
                 "peak_rss_with_save_mb": peak_save_kb / 1024,
                 "how": how,
                 "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
+                # resident MB sampled every 50 ms, highest per stage (Linux only)
+                "stage_peak_mb": stage_peaks,
             }
         )
     )
@@ -731,11 +779,19 @@ def stage_scaling(paths: list[Path]) -> list[Row]:
             )
         )
         base_name = f"{base['slide_gigapixels']:.3g} GP"
+        peaks = {k: v for k, v in res.get("stage_peak_mb", {}).items() if k != "save"}
+        where = ""
+        if peaks:
+            top = max(peaks, key=peaks.get)
+            where = f"sampled peak in stage {top!r} ({peaks[top]:.0f} MB); " + ", ".join(
+                f"{k} {v:.0f}" for k, v in peaks.items()
+            )
         rows.append(
             _memory_row(
                 f"scaling {gp:.3g} GP",
                 res["peak_rss_mb"],
                 base["peak_rss_mb"],
+                where,
                 names=("peak memory", base_name),
             )
         )
@@ -873,6 +929,15 @@ def main(argv: list[str] | None = None) -> int:
         default=["read", "stain", "detect", "e2e", "scaling"],
         choices=["read", "stain", "detect", "e2e", "scaling"],
     )
+    parser.add_argument(
+        "--mosaics",
+        nargs="+",
+        type=int,
+        default=[2, 4],
+        metavar="N",
+        help="full scaling stage: N x N mosaics of the 1-gigapixel slide beside it (default: 2 "
+        "4, i.e. 4 and 16 gigapixels; 6 adds 36 gigapixels, 3.3 GB on disk)",
+    )
     parser.add_argument("--child-score", help=argparse.SUPPRESS)
     parser.add_argument("--child-detector", default="cnn", help=argparse.SUPPRESS)
     parser.add_argument("--child-baseline", action="store_true", help=argparse.SUPPRESS)
@@ -917,8 +982,9 @@ def main(argv: list[str] | None = None) -> int:
     if "scaling" in args.stages:
         print("scaling ...", flush=True)
         slides = [synthetic_slide(args.cache, w, h) for w, h in scaling_sizes]
-        if not args.quick:  # 4 and 16 gigapixels
-            slides += [mosaic_slide(args.cache, slides[0], n, n) for n in (2, 4)]
+        if not args.quick:  # 4 and 16 gigapixels by default
+            sizes = sorted({n for n in args.mosaics if n >= 2})
+            slides += [mosaic_slide(args.cache, slides[0], n, n) for n in sizes]
         rows += stage_scaling(slides)
     info = machine()
     kind = "quick: small slides" if args.quick else "full"

@@ -45,6 +45,12 @@ def test_end_to_end_rows_time_the_outputs_too(tmp_path: Path, monkeypatch) -> No
     assert res["n_cells"] > 0
     assert res["save_seconds"] > 0
     assert res["peak_rss_with_save_mb"] >= res["peak_rss_mb"] > 0
+    # resident memory sampled per stage (Linux): every sample lies below the process's peak
+    linux = Path("/proc/self/status").exists()
+    peaks = res["stage_peak_mb"]
+    assert bool(peaks) == linux
+    assert set(peaks) <= {"start", "qc", "detect", "regions", "score", "save"}
+    assert all(0 < mb <= res["peak_rss_with_save_mb"] + 1 for mb in peaks.values())
     # every variant of the end-to-end stage, here with the quick classical run standing in
     import run
 
@@ -61,3 +67,5 @@ def test_end_to_end_rows_time_the_outputs_too(tmp_path: Path, monkeypatch) -> No
         "peak memory, outputs written",
     ]
     assert all(r.ratio == 1.0 for r in scaling)  # the same result on both "sizes"
+    if linux:  # the memory row says in which stage the peak happened
+        assert scaling[1].note.startswith("sampled peak in stage")
