@@ -188,6 +188,29 @@ def test_freed_memory_is_given_back_before_and_after_the_tiles(cd8_field, monkey
     malloc_trim.cache_clear()
 
 
+def test_tile_cache_and_summed_area_table_are_dropped_after_the_tiles(tmp_path):
+    """What only the tiles need (decoded tiles, the mask's summed-area table) is freed after
+    them; the slide and the mask still answer afterwards, with the same values."""
+    from tilscore.qc import slide_stain_qc
+    from tilscore.slide import open_slide
+    from tilscore.synthetic import write_slide
+
+    path = tmp_path / "s.svs"
+    layout = make_layout(marker="CD8", width_px=1024, height_px=768, mpp=0.25, seed=5)
+    write_slide(layout, path, format="aperio", tile_size=256, min_level_size_px=128)
+    with open_slide(path) as slide:
+        qc = slide_stain_qc(slide)
+        before = slide.read_region(100, 100, 300, 200)
+        assert qc.tissue._integral is not None  # built by the QC's tile sampling
+        fraction = qc.tissue.fraction_in(0, 0, 512, 384)
+        cells = detect_cells(slide, detector="classical", qc=qc, tile_size_px=256)
+        assert len(cells)
+        assert slide._backend._cache._bytes == 0
+        assert qc.tissue._integral is None
+        assert np.array_equal(slide.read_region(100, 100, 300, 200), before)
+        assert qc.tissue.fraction_in(0, 0, 512, 384) == fraction
+
+
 def test_glass_around_tissue_is_not_processed_and_changes_no_cell(tmp_path, monkeypatch):
     """Tiles are cut to their tissue (plus the halo): the same cells, fewer pixels processed."""
     import tilscore.detect as detect

@@ -253,6 +253,11 @@ def test_fraction_in_is_exact_for_partial_pixels():
         tm.fraction_in(xs, 0.0, 3.0, 3.0), [tm.fraction_in(v, 0.0, 3.0, 3.0) for v in xs]
     )
     assert tm.fraction_in(0, 0, 0, 10) == 0.0
+    # the summed-area table is a cache: freed, it is built again with the same answers
+    before = tm.fraction_in(xs, 1.5, 7.0, 4.0)
+    tm.release_cache()
+    assert tm._integral is None
+    np.testing.assert_array_equal(tm.fraction_in(xs, 1.5, 7.0, 4.0), before)
 
 
 def test_blank_slide_gives_empty_mask():

@@ -637,6 +637,9 @@ class _TiffBackend:
                 hint="The file is corrupt or truncated; copy or export it again",
             ) from e
 
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
     def close(self) -> None:
         fd, self._fd = getattr(self, "_fd", None), None
         if fd is not None:
@@ -1000,6 +1003,13 @@ class Slide:
         backend, self._backend = self._backend, None
         if backend is not None:
             backend.close()
+
+    def clear_cache(self) -> None:
+        """Drop the decoded tiles the reader keeps (TIFF/SVS: up to 96 MB), e.g. after a pass
+        over the whole slide; later reads decode again. Nothing to do for other readers."""
+        clear = getattr(self._backend, "clear_cache", None)
+        if clear is not None:
+            clear()
 
     # -- levels ----------------------------------------------------------------------------
     def level_mpp(self, level: int) -> float:

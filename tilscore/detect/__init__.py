@@ -452,6 +452,11 @@ def iter_detect_cells(
                 yield done, total
         cells = pd.concat(parts, ignore_index=True) if parts else measure_cells_empty()
         del parts
+        # what only the tiles needed: the decoded-tile cache and the tissue mask's summed-area
+        # table (rebuilt if asked for again), given back with the tiles' freed memory
+        slide.clear_cache()
+        if tissue is not None:
+            tissue.release_cache()
         release_freed_memory()
         w0, h0 = slide.dimensions
         inside = (cells["x"] >= 0) & (cells["x"] < w0) & (cells["y"] >= 0) & (cells["y"] < h0)
