@@ -485,6 +485,18 @@ def score_in_subprocess(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _proc_status_kb(field: str) -> float | None:
+    """A kB field of /proc/self/status (``VmHWM``, ``VmRSS``), or None where there is none."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss_kb() -> float:
     """This process's own peak resident memory (kB).
 
@@ -494,13 +506,9 @@ def _peak_rss_kb() -> float:
     """
     import resource
 
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1])
-    except OSError:
-        pass
+    hwm = _proc_status_kb("VmHWM")
+    if hwm is not None:
+        return hwm
     peak = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     return peak / 1024 if sys.platform == "darwin" else peak  # bytes on macOS, kB elsewhere
 
@@ -522,23 +530,12 @@ class _StagePeaks:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _rss_mb() -> float | None:
-        try:
-            with open("/proc/self/status") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        return float(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return None  # not Linux: no samples
-
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss, stage = self._rss_mb(), self.stage
-            if rss is None:
+            rss_kb, stage = _proc_status_kb("VmRSS"), self.stage
+            if rss_kb is None:  # not Linux: no samples
                 return
-            self.peaks_mb[stage] = max(self.peaks_mb.get(stage, 0.0), rss)
+            self.peaks_mb[stage] = max(self.peaks_mb.get(stage, 0.0), rss_kb / 1024)
             self._stop.wait(self._interval)
 
     def stop(self) -> dict[str, float]:
