@@ -42,7 +42,7 @@ from tilscore.detect import detect_cells
 from tilscore.evaluate import evaluate_cells
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_sets import deepliif_cases, dlubak_cases, ehh_cases, lyon19_cases  # noqa: E402
+from real_sets import deepliif_cases, dlubak_cases, ehh_cases, lyon19_cases
 
 REPO = Path(__file__).resolve().parents[1]
 RADIUS_UM = 4.0

@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_sets import SHARED_DATA, all_cases  # noqa: E402
+from real_sets import SHARED_DATA, all_cases
 
 RADIUS_UM = 4.0
 COUNTED = ("intratumoral", "stromal", "tissue")

@@ -156,10 +156,10 @@ class _Area:
     def fraction_in(self, x: float, y: float, width: float, height: float) -> float:
         import shapely
 
-        if self.region is not None and not shapely.intersects(
-            self.region, shapely.box(x, y, x + width, y + height)
-        ):
-            return 0.0
+        if self.region is not None:
+            # the user's region is scored as drawn: its tiles are visited whatever the mask says
+            hit = shapely.intersects(self.region, shapely.box(x, y, x + width, y + height))
+            return 1.0 if hit else 0.0
         return 1.0 if self.tissue is None else self.tissue.fraction_in(x, y, width, height)
 
 
@@ -440,7 +440,9 @@ def iter_detect_cells(
 
         def crop(x: float, y: float, ds: float, size: int) -> tuple[slice, slice] | None:
             # only the part of a tile within the halo of tissue is read and processed
-            return None if tissue is None else _tissue_box(x, y, ds, size, tissue, halo_px)
+            if tissue is None or geom is not None:  # a region is read whole, as drawn
+                return None
+            return _tissue_box(x, y, ds, size, tissue, halo_px)
 
         tiles = slide.iter_tiles(det.mpp, tile_size_px, halo_px, mask=area, crop=crop)
         # closing: a caller that stops early (napari's cancel) also stops the worker threads
