@@ -149,11 +149,7 @@ def artefact_mask(
     broad = _large(broad_ink(smooth, i0), min_broad_um2 / px)
     if k >= 2 and broad.any():  # the averaging thinned the marks' edges: take them back
         broad = cv2.dilate(broad.view(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
-    marks = (
-        broad
-        | _large(vivid, min_vivid_um2 / px)
-        | _large(black, min_black_um2 / px)
-    )
+    marks = broad | _large(vivid, min_vivid_um2 / px) | _large(black, min_black_um2 / px)
     marks = marks.astype(np.uint8)
     if marks.any():
         r = max(1, round(grow_um / mpp))

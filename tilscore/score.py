@@ -674,7 +674,13 @@ def iter_score_slide(
             background = (
                 (255.0, 255.0, 255.0) if cfg["stain"]["background"] == "white" else qc.background
             )
-            tissue_geom = qc.tissue.polygons()
+            # the tissue with the ink and pigment on it: those are excluded below, so that
+            # their area is reported (excluded_area_mm2) rather than silently missing
+            tissue_geom = (
+                qc.tissue.polygons_with_artefacts()
+                if reg_cfg["exclude_artefacts"]
+                else qc.tissue.polygons()
+            )
             if tissue_geom.is_empty:
                 warnings.warn(
                     f"{path or sid}: no tissue found; every count is zero",

@@ -75,7 +75,8 @@ class TissueMask:
         What was used (glass brightness, OD threshold, parameters), for provenance.
     artefacts
         Optional bool (h, w) on the same grid: ink, frames, overlays and black pigment removed
-        from the tissue (:mod:`tilscore.artefacts`); ``None`` = none looked for.
+        from the tissue (:mod:`tilscore.artefacts`; those on glass are not kept); ``None`` = none
+        looked for.
     """
 
     mask: np.ndarray
@@ -258,6 +259,13 @@ class TissueMask:
                 shapely.simplify(geom, simplify_px * ds, preserve_topology=True)
             )
         return geom
+
+    def polygons_with_artefacts(self) -> shapely.MultiPolygon:
+        """The tissue and the artefacts on it, as polygons (what scoring starts from: the
+        artefacts are then excluded, and their area reported)."""
+        if self.artefacts is None or not self.artefacts.any():
+            return self.polygons()
+        return TissueMask(self.mask | self.artefacts, self.mpp, self.downsample).polygons()
 
     def artefact_polygons(self) -> shapely.MultiPolygon:
         """The artefacts (ink, frames, pigment) as polygons in level-0 px (empty when none)."""
@@ -582,6 +590,7 @@ def tissue_mask(
             tissue = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, disk)[r:-r, r:-r].astype(bool)
         tissue = _fill_small_holes(tissue, max_hole_area_um2 / px_area)
     art = artefact_mask(rgb, mask_mpp, i0) if remove_pen else np.zeros(rgb.shape[:2], bool)
+    art &= tissue  # the marks that cover tissue (those on glass take nothing from it)
     tissue &= ~art
     image_area_um2 = rgb.shape[0] * rgb.shape[1] * px_area
     min_area = min(min_tissue_area_um2, 0.002 * image_area_um2)
