@@ -241,6 +241,15 @@ class SlideResult:
 
     # -- outputs ----------------------------------------------------------------------------
 
+    def _counted_positive(self) -> pd.DataFrame:
+        """The positive cells that are counted: not in an exclusion (ink, frames, pigment,
+        exclude regions) and not outside the scored tissue."""
+        cells = self.cells
+        keep = cells["positive"].to_numpy(bool)
+        if "compartment" in cells.columns:
+            keep = keep & ~cells["compartment"].isin(["excluded", "outside"]).to_numpy(bool)
+        return cells[keep]
+
     def overlay_image(self, max_size: int = 1600) -> np.ndarray:
         """RGB overview with compartment outlines and positive cells (for overlay.png)."""
         from PIL import Image, ImageDraw
@@ -251,7 +260,7 @@ class SlideResult:
         for name in ("stromal", "intratumoral", "invasive_margin"):
             _draw_geom(draw, self.compartments.geometries[name], ds, COLOURS[name], width=2)
         _draw_geom(draw, self.compartments.excluded, ds, COLOURS["excluded"], width=2)
-        pos = self.cells[self.cells["positive"]]
+        pos = self._counted_positive()
         r = 3.0
         for x, y in zip(pos["x"].to_numpy() / ds, pos["y"].to_numpy() / ds):
             draw.ellipse(
@@ -280,7 +289,7 @@ class SlideResult:
         w0, h0 = self.dimensions
         bin_px = cell_um / self.mpp
         nx, ny = max(1, int(np.ceil(w0 / bin_px))), max(1, int(np.ceil(h0 / bin_px)))
-        pos = self.cells[self.cells["positive"]]
+        pos = self._counted_positive()
         counts, _, _ = np.histogram2d(
             pos["y"].to_numpy(),
             pos["x"].to_numpy(),
