@@ -96,18 +96,6 @@ def pure_marks(rgb: np.ndarray, i0: float = 255.0) -> tuple[np.ndarray, np.ndarr
     return vivid_out, black_out
 
 
-def _large(mask: np.ndarray, min_px: float) -> np.ndarray:
-    """The 8-connected components of ``mask`` with at least ``min_px`` pixels."""
-    import cv2
-
-    if not mask.any() or min_px <= 1:
-        return mask
-    _, lab, stats, _ = cv2.connectedComponentsWithStats(mask.view(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
-    keep[0] = False
-    return keep[lab]
-
-
 def artefact_mask(
     rgb: np.ndarray,
     mpp: float,
@@ -139,6 +127,8 @@ def artefact_mask(
         black pigment, frames and ink lines form larger connected marks).
     """
     import cv2
+
+    from .tissue import _remove_small as _large  # components of at least N px
 
     i0 = 255.0 if background is None else float(np.max(background))
     rgb = np.ascontiguousarray(rgb[..., :3])
