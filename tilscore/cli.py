@@ -40,14 +40,45 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _mpp(text: str) -> float:
+    from .plausible import check_mpp
+
+    value = _positive_float(text)
+    try:
+        return check_mpp(value)
+    except TilscoreError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_mpp(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mpp",
-        type=_positive_float,
+        type=_mpp,
         default=None,
         metavar="UM_PER_PX",
         help="level-0 pixel size in µm/px; overrides the file's (needed when the file has none)",
     )
+
+
+def _add_force_stain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force-stain",
+        action="store_true",
+        help="score an image that does not look like DAB IHC (H&E, fluorescence, greyscale) "
+        "anyway, with a warning",
+    )
+
+
+def _with_force_stain(config, force: bool):
+    """The config with ``[stain] check = "warn"`` when ``--force-stain`` was given."""
+    from .config import Config, load_config
+
+    config = load_config(config)
+    if not force:
+        return config
+    data = config.to_dict()
+    data["stain"] = {**data["stain"], "check": "warn"}
+    return Config.from_dict(data, source=config.source)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, metavar="TOML", help="configuration file")
     _add_set(p)
     _add_mpp(p)
+    _add_force_stain(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_score)
 
@@ -218,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads-per-worker", type=_positive_int, default=None, help="slides at once per worker"
     )
     p.add_argument("--force", action="store_true", help="score every slide again")
+    _add_force_stain(p)
     p.set_defaults(func=_cmd_batch)
 
     p = sub.add_parser("config", help="print the configuration (TOML) with every default")
@@ -417,25 +450,31 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from .config import load_config
+    from .outdir import score_output, staged_save
     from .score import iter_score_slide
 
-    config = load_config(args.config)
-    gen = iter_score_slide(
-        args.slide,
-        args.marker,
-        args.regions,
-        config,
-        mpp=args.mpp,
-        **_parse_overrides(args.overrides),
-    )
+    config = _with_force_stain(load_config(args.config), args.force_stain)
     console = _console()
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("scoring", total=None)
-        result = run_to_end(
-            gen,
-            lambda step: bar.update(task, description=step[0], completed=step[1], total=step[2]),
+    # the output is checked and locked before the work; the old files stay until all new ones
+    # are written
+    with score_output(args.output) as out:
+        gen = iter_score_slide(
+            args.slide,
+            args.marker,
+            args.regions,
+            config,
+            mpp=args.mpp,
+            **_parse_overrides(args.overrides),
         )
-    files = result.save(args.output, config)
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task("scoring", total=None)
+            result = run_to_end(
+                gen,
+                lambda step: bar.update(
+                    task, description=step[0], completed=step[1], total=step[2]
+                ),
+            )
+        files = staged_save(out, lambda stage: result.save(stage, config))
     print_summary(result, console)
     console.print(f"wrote {len(files)} files to {args.output}; open {files.get('report', '')}")
     return 0
@@ -551,7 +590,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         result = run_batch(
             args.inputs,
             args.output,
-            config=args.config,
+            config=_with_force_stain(args.config, args.force_stain),
             marker=args.marker,
             scheduler=args.scheduler,
             workers=args.workers,
@@ -570,7 +609,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     report.close()
     console.print(
         f"{result.n_done} scored, {result.n_skipped} already done, {result.n_failed} failed "
-        f"in {result.seconds:.0f} s; wrote {result.summary_path}"
+        f"in {result.seconds:.0f} s"
+        + (f", {len(result.kept)} from earlier runs kept" if result.kept else "")
+        + f"; wrote {result.summary_path}"
         + (f" and {result.errors_path}" if result.failed else ""),
         soft_wrap=True,
     )

@@ -600,10 +600,12 @@ def iter_score_slide(
     from . import __version__
     from .config import load_config
     from .detect import iter_detect_cells
+    from .plausible import check_mpp, check_scoring_work
     from .qc import slide_stain_qc
     from .regions import RegionSet, auto_regions, build_compartments, load_regions
     from .slide import Slide, open_slide
     from .stain import RUIFROK_HDAB
+    from .stain_check import apply_stain_check, check_stains
 
     started, t0 = _now(), time.perf_counter()
     cfg = load_config(config)
@@ -620,6 +622,8 @@ def iter_score_slide(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TilscoreWarning)
             path = None if slide.vendor == "array" else str(slide.path)
+            check_mpp(slide.mpp, path, slide.mpp_source)  # before hours of work (issue 17)
+            check_scoring_work(*slide.dimensions, slide.mpp, path)
             sid = slide_id or (Path(path).name.split(".")[0] if path else "image")
             # the file's hash (provenance) is read in a thread while the stain QC, which
             # uses one core, runs: about a second per GB, otherwise spent at the end
@@ -631,6 +635,9 @@ def iter_score_slide(
             yield "qc", 0, 1
             if qc is None:
                 qc = slide_stain_qc(slide)
+            # not DAB IHC (H&E, fluorescence, greyscale): refused, or scored with a warning
+            stain_check = check_stains(qc)
+            stain_verdict = apply_stain_check(stain_check, cfg["stain"]["check"], path or sid)
             stains = RUIFROK_HDAB if cfg["stain"]["vectors"] == "ruifrok" else qc.stains
             background = (
                 (255.0, 255.0, 255.0) if cfg["stain"]["background"] == "white" else qc.background
@@ -721,6 +728,7 @@ def iter_score_slide(
             summary = summarise(
                 cells, comps, slide.mpp_x, slide.mpp_y, slide_id=sid, marker=rule.name
             )
+            summary["stain_check"] = stain_verdict
             # the stain QC's overview (whole slide, read once) serves the overlay and heatmap
             thumb = qc.overview
             thumb_ds = slide.dimensions[0] / thumb.shape[1]
@@ -747,6 +755,7 @@ def iter_score_slide(
                 "estimated_stains": qc.stains.to_dict(),
                 "estimated_background": [float(v) for v in qc.background],
                 "tissue": qc.tissue.to_dict(),
+                "stain_check": stain_check.to_dict(),
             },
             "regions": {
                 "source": regions_used.source if (reg is not None or auto) else "none",

@@ -1,0 +1,244 @@
+"""Hostile input and misuse (issue 17): each bad input is built in a temporary folder and the CLI
+is run as a user runs it (a subprocess), so that the promise "one line naming the file and the
+fix, exit 2, nothing lost, no hang" is tested, not hoped for."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "example_slides"
+SLIDE = EXAMPLES / "synthetic_cd8.tif"
+
+#: scoring restricted to what these tests need (classical detector, few files)
+FAST_TOML = """
+[detect]
+detector = "classical"
+[output]
+cells_geojson = false
+regions_geojson = false
+overlay = false
+heatmap = false
+report = false
+"""
+
+
+def cli(*args: object, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+    """``tilscore ARGS`` in a fresh process, as a user types it."""
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    return subprocess.run(
+        [sys.executable, "-m", "tilscore", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kw,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit status 2 and exactly one line on stderr, holding each of ``needles``."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def small_slides(tmp_path_factory) -> Path:
+    """Two small synthetic CD8 slides (800 x 600 px) and the fast config."""
+    from tilscore.synthetic import make_synthetic_slide
+
+    folder = tmp_path_factory.mktemp("slides")
+    for i, name in enumerate(("a_CD8", "b_CD8")):
+        make_synthetic_slide(folder / f"{name}.tif", marker="CD8", width_px=800, height_px=600,
+                             seed=11 + i)  # fmt: skip
+        for extra in folder.glob(f"{name}.*"):
+            if extra.suffix != ".tif":
+                extra.unlink()
+    (folder.parent / f"{folder.name}.toml").write_text(FAST_TOML)
+    return folder
+
+
+def _config(slides: Path) -> Path:
+    return slides.parent / f"{slides.name}.toml"
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. a batch re-run on fewer inputs keeps the other finished slides
+
+
+@pytest.mark.slow
+def test_batch_rerun_on_fewer_inputs_keeps_every_finished_slide(small_slides, tmp_path):
+    out = tmp_path / "res"
+    cfg = _config(small_slides)
+    first = cli("batch", small_slides, "-o", out, "--config", cfg, "--workers", "1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = cli("batch", small_slides / "a_CD8.tif", "-o", out, "--config", cfg, "--workers", "1",
+                "--force")  # fmt: skip
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "1 from earlier runs kept" in again.stdout
+    summary = pd.read_csv(out / "summary.csv")
+    assert set(summary.slide_id) == {"a_CD8", "b_CD8"}
+    assert sorted(p.name for p in (out / "cells").iterdir()) == ["a_CD8.parquet", "b_CD8.parquet"]
+
+    # another slide of the same name may not replace a finished one without --force
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(small_slides / "b_CD8.tif", other / "a_CD8.tif")
+    taken = cli("batch", other, "-o", out, "--config", cfg, "--workers", "1")
+    assert taken.returncode == 1
+    errors = pd.read_csv(out / "errors.csv")
+    assert errors.error_type.tolist() == ["OutputTaken"]
+    assert json.loads((out / "a_CD8" / "batch.json").read_text())["path"] == str(
+        small_slides / "a_CD8.tif"
+    )
+    assert set(pd.read_csv(out / "summary.csv").slide_id) == {"a_CD8", "b_CD8"}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5, 6. score: the output is checked before the work, locked, and replaced only when whole
+
+
+def test_score_output_naming_a_file_or_an_impossible_place(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    one_line_error(cli("score", SLIDE, "-o", afile), str(afile), "is a file", "-o")
+    one_line_error(cli("score", SLIDE, "-o", afile / "sub"), "is a file, not a folder")
+    assert afile.read_text() == "mine"
+
+
+def test_score_refuses_a_folder_another_run_is_writing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".score.lock").write_text(f"{socket.gethostname()} {os.getpid()}")  # alive: us
+    one_line_error(cli("score", SLIDE, "-o", out), "another `tilscore score`", "is writing here")
+
+
+def test_score_refuses_a_batch_output_folder(tmp_path):
+    out = tmp_path / "res"
+    (out / "s1").mkdir(parents=True)
+    (out / "s1" / "batch.json").write_text("{}")
+    (out / "summary.csv").write_text("batch summary")
+    one_line_error(cli("score", SLIDE, "-o", out), "results of a batch")
+    assert (out / "summary.csv").read_text() == "batch summary"
+
+
+@pytest.mark.slow
+def test_failed_rescore_leaves_the_old_folder_as_it_was(small_slides, tmp_path):
+    out = tmp_path / "out"
+    slide = small_slides / "a_CD8.tif"
+    ok = cli("score", slide, "-o", out, "--config", _config(small_slides))
+    assert ok.returncode == 0, ok.stderr
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"summary.csv", "run.json", "cells.parquet"} <= set(before)
+    bad = tmp_path / "bad.geojson"
+    bad.write_text('{"type": "FeatureCollection", "features": [{"type": "Feature", '
+                   '"geometry": {"type": "Polygon", "coordinates": [[[0, 0], [NaN, 1], [1, 1], '
+                   '[0, 0]]]}, "properties": {}}]}')  # fmt: skip
+    failed = cli("score", slide, "-o", out, "--regions", bad, "--config", _config(small_slides))
+    assert failed.returncode == 2
+    assert "Traceback" not in failed.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_staged_save_keeps_old_files_when_writing_fails(tmp_path):
+    import errno
+
+    from tilscore.errors import ConfigError
+    from tilscore.outdir import staged_save
+
+    (tmp_path / "summary.csv").write_text("old")
+    (tmp_path / "report.html").write_text("old report")
+    (tmp_path / "notes.txt").write_text("the user's")
+
+    def disk_full(stage: Path) -> dict[str, Path]:
+        (stage / "summary.csv").write_text("new")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(ConfigError, match="No space left"):
+        staged_save(tmp_path, disk_full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "report.html", "summary.csv"]
+    assert (tmp_path / "summary.csv").read_text() == "old"
+
+    def new(stage: Path) -> dict[str, Path]:
+        (stage / "summary.csv").write_text("new")
+        return {"summary": stage / "summary.csv"}
+
+    files = staged_save(tmp_path, new)
+    assert files == {"summary": tmp_path / "summary.csv"}
+    # the old report of the earlier run does not stay beside the new summary; the user's file does
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "summary.csv"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. implausible µm/px; a per-slide time limit in batch
+
+
+@pytest.mark.parametrize("mpp", ["40", "1e9", "0.001"])
+def test_implausible_mpp_is_refused_at_once(tmp_path, mpp):
+    t0 = time.monotonic()
+    line = one_line_error(cli("score", SLIDE, "--mpp", mpp, "-o", tmp_path / "o"), "--mpp")
+    assert "not plausible" in line
+    assert "magnification" in line
+    assert time.monotonic() - t0 < 60
+    assert not (tmp_path / "o").exists()
+
+
+def test_implausible_mpp_from_the_file_is_refused(tmp_path):
+    import numpy as np
+    import tifffile
+
+    path = tmp_path / "field.tif"
+    # 1 px per 40 µm written in the resolution tags (a magnification mistaken for a size)
+    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), resolution=(250.0, 250.0),
+                     resolutionunit="CENTIMETER")  # fmt: skip
+    one_line_error(cli("score", path, "-o", tmp_path / "o"), str(path), "not a plausible", "--mpp")
+
+
+def test_batch_slide_time_limit_stops_the_slide_and_records_it():
+    from tilscore.batch import SlideTimeLimit, _time_limit
+
+    def stepping() -> None:
+        with _time_limit(0.2, Path("x.svs")) as check:
+            for i in range(100):
+                time.sleep(0.05)
+                check(i)
+
+    def silent() -> None:
+        with _time_limit(0.2, Path("x.svs")):
+            while True:
+                sum(range(1000))
+
+    with pytest.raises(SlideTimeLimit, match=r"x\.svs.*time limit"):  # checked at each step
+        stepping()
+    t0 = time.monotonic()
+    with pytest.raises(SlideTimeLimit, match=r"x\.svs"):  # a stage that yields no step
+        silent()
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.slow
+def test_batch_time_limit_records_a_failure_and_moves_on(small_slides, tmp_path):
+    cfg = tmp_path / "limit.toml"
+    cfg.write_text(FAST_TOML + "[batch]\nslide_time_limit_s = 0.01\n")
+    out = tmp_path / "res"
+    proc = cli("batch", small_slides / "a_CD8.tif", "-o", out, "--config", cfg, "--workers", "1")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    errors = pd.read_csv(out / "errors.csv")
+    assert errors.error_type.tolist() == ["SlideTimeLimit"]
+    assert "slide_time_limit_s" in errors.message[0]
