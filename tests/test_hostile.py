@@ -242,3 +242,63 @@ def test_batch_time_limit_records_a_failure_and_moves_on(small_slides, tmp_path)
     errors = pd.read_csv(out / "errors.csv")
     assert errors.error_type.tolist() == ["SlideTimeLimit"]
     assert "slide_time_limit_s" in errors.message[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. a crafted TIFF header costs nothing
+
+
+def _crafted_tiff(path: Path, width: int, height: int) -> Path:
+    """A TIFF of a few hundred bytes whose header claims one deflate strip of width x height."""
+    import struct
+
+    import numpy as np
+    import tifffile
+
+    tifffile.imwrite(path, np.full((16, 16, 3), 200, np.uint8), photometric="rgb",
+                     rowsperstrip=16, compression="zlib", resolution=(20000, 20000),
+                     resolutionunit="CENTIMETER")  # fmt: skip
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        tags = tif.pages[0].tags
+        for code, value in ((256, width), (257, height), (278, height)):
+            tag = tags[code]
+            struct.pack_into({3: "<H", 4: "<I"}[int(tag.dtype)], data, tag.valueoffset, value)
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("size", "needle"),
+    [((1_000_000, 1_000_000), "too large to decode"), ((20000, 10000), "header is corrupt")],
+)
+@pytest.mark.parametrize("command", ["info", "stain-qc", "score"])
+def test_crafted_tiff_header_is_refused_before_allocating(tmp_path, size, needle, command):
+    path = _crafted_tiff(tmp_path / "crafted.tif", *size)
+    assert path.stat().st_size < 2000
+    args = [command, path] + ([] if command == "info" else ["-o", tmp_path / "o"])
+    # a 3 GB address-space cap: an attempt to allocate the claimed pixels (11 GB and more)
+    # would fail with a MemoryError instead of the clear error
+    proc = cli(*args, preexec_fn=_limit_memory(3 << 30))
+    one_line_error(proc, str(path), needle)
+
+
+def _limit_memory(nbytes: int):
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (nbytes, nbytes))
+
+    return limit
+
+
+def test_slide_larger_than_any_glass_slide_is_refused(tmp_path):
+    import numpy as np
+
+    from tilscore.errors import SlideReadError
+    from tilscore.slide import Slide, _ArrayBackend
+
+    wide = np.zeros((4, 100_000, 3), np.uint8)  # 400 mm wide at 4 µm/px
+    with pytest.raises(SlideReadError, match="larger than any glass slide"):
+        Slide(tmp_path / "x", _ArrayBackend(wide, "x"), mpp=4.0)
+    assert Slide(tmp_path / "x", _ArrayBackend(wide, "x"), mpp=2.0).dimensions == (100_000, 4)

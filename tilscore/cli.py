@@ -82,7 +82,9 @@ def _with_force_stain(config, force: bool):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .failsafe import OneLineParser
+
+    parser = OneLineParser(
         prog="tilscore",
         description="Score tumour-infiltrating immune cells in IHC whole-slide images.",
     )
@@ -509,8 +511,11 @@ def print_summary(result, console) -> None:
     console.print(table)
     sources = dict(zip(result.summary["compartment"], result.summary["source"]))
     console.print("regions: " + ", ".join(f"{k} {v}" for k, v in sources.items()))
+    from .failsafe import shown_warnings
+
     for w in result.provenance.get("warnings", []):
-        console.print(f"[yellow]warning[/yellow]: {w}")
+        if " ".join(str(w).split()) not in shown_warnings:  # not printed on stderr already
+            console.print(f"[yellow]warning[/yellow]: {w}")
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
@@ -722,16 +727,12 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tilscore`` console script; returns the exit status."""
+    from .failsafe import run_command
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except TilscoreError as exc:
-        print(f"tilscore {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"tilscore {args.command}: interrupted", file=sys.stderr)
-        return 130
+    # expected failures: one line, exit 2; a bug: one line and a saved traceback (exit 3)
+    return run_command(args.command, lambda: args.func(args), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

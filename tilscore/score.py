@@ -81,12 +81,29 @@ COLOURS = {
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes (read in 4 MiB chunks)."""
+    """SHA-256 of a file's bytes (read in 4 MiB chunks).
+
+    A folder (a DICOM slide) is hashed file by file in sorted order, each file's relative
+    path and bytes, so that the same folder anywhere gives the same hash.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        if root.is_dir():
+            h.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
     return h.hexdigest()
+
+
+def _input_size(path: str) -> int:
+    """Bytes of a slide file, or of every file of a slide folder (DICOM)."""
+    root = Path(path)
+    if root.is_dir():
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return os.path.getsize(root)
 
 
 def _in_thread(fn: Any, *args: Any) -> Future:
@@ -747,7 +764,7 @@ def iter_score_slide(
                 "vendor": slide.vendor,
                 "dimensions": list(slide.dimensions),
                 "mpp": slide.mpp,
-                "file_size": os.path.getsize(path) if path else None,
+                "file_size": _input_size(path) if path else None,
                 "file_sha256": digest.result() if digest is not None else None,
             },
             "detection": settings.to_dict(),

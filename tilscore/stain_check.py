@@ -19,7 +19,8 @@ The thresholds were set on this project's data (``../shared/data``, run through
 :func:`tilscore.qc.slide_stain_qc`): the share of eosin-like stained pixels was 0.85 on the
 H&E slide CMU-1-Small-Region, at most 0.04 on 47 real DAB IHC images (DeepLIIF, NuClick,
 EndoNuke, Ki67 sets, unlabeled-ihc) and 0.34 on the synthetic CD68 example; the overview's
-median brightness was 4 and 9 on the two fluorescence slides, at least 86 on the IHC images.
+median brightness (pure black left out) was 4 and 9 on the two fluorescence slides, at least 86
+on the IHC images (and 200-234 on Ki67 fields masked to black outside the tissue).
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ def check_stains(qc: Any) -> StainCheck:
     if overview.size == 0:
         return StainCheck("ok")
     lum = overview.mean(axis=1)
-    measures: dict[str, float] = {"overview_median_brightness": float(np.median(lum))}
+    # pure black pixels are left out: brightfield fields masked to black outside the tissue
+    # (real Ki67 fragments in ../shared/data) are not dark-field images
+    lit = lum[overview.max(axis=1) > 0]
+    measures: dict[str, float] = {
+        "overview_median_brightness": float(np.median(lit)) if lit.size else 0.0
+    }
     if measures["overview_median_brightness"] < DARK_MEDIAN:
         return StainCheck(
             "refuse",
