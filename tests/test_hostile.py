@@ -94,6 +94,7 @@ def test_batch_rerun_on_fewer_inputs_keeps_every_finished_slide(small_slides, tm
     assert "1 from earlier runs kept" in again.stdout
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary.slide_id) == {"a_CD8", "b_CD8"}
+    assert set(summary.stain_check) == {"ok"}  # the stain check's column reaches the batch
     assert sorted(p.name for p in (out / "cells").iterdir()) == ["a_CD8.parquet", "b_CD8.parquet"]
 
     # another slide of the same name may not replace a finished one without --force
@@ -302,3 +303,157 @@ def test_slide_larger_than_any_glass_slide_is_refused(tmp_path):
     with pytest.raises(SlideReadError, match="larger than any glass slide"):
         Slide(tmp_path / "x", _ArrayBackend(wide, "x"), mpp=4.0)
     assert Slide(tmp_path / "x", _ArrayBackend(wide, "x"), mpp=2.0).dimensions == (100_000, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. a DICOM slide (a folder) is hashed for the provenance
+
+
+def test_a_folder_is_hashed_file_by_file(tmp_path):
+    from tilscore.score import file_sha256
+
+    a = tmp_path / "a"
+    (a / "sub").mkdir(parents=True)
+    (a / "1.dcm").write_bytes(b"one")
+    (a / "sub" / "2.dcm").write_bytes(b"two")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    assert file_sha256(a) == file_sha256(b)
+    (b / "sub" / "2.dcm").write_bytes(b"tw0")
+    assert file_sha256(a) != file_sha256(b)
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_dicom_folder_is_scored(shared_data, tmp_path):
+    folder = shared_data / "wsi-samples" / "dicom-wsi" / "nema-wg26-BPAEC-partial"
+    if not folder.is_dir():
+        pytest.skip(f"{folder} not found")
+    pytest.importorskip("wsidicom")
+    cfg = tmp_path / "fast.toml"
+    cfg.write_text(FAST_TOML)
+    # a fluorescence image: refused by the stain check, scored when forced
+    one_line_error(cli("score", folder, "-o", tmp_path / "r", "--config", cfg), "fluorescence")
+    proc = cli("score", folder, "-o", tmp_path / "o", "--config", cfg, "--force-stain")
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((tmp_path / "o" / "run.json").read_text())
+    assert len(run["slide"]["file_sha256"]) == 64
+    assert run["slide"]["file_size"] > 1_000_000
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. an image that is not DAB IHC
+
+
+@pytest.mark.shared_data
+def test_he_slide_is_refused_unless_forced(shared_data, tmp_path):
+    he = shared_data / "wsi-samples" / "aperio-svs" / "CMU-1-Small-Region.svs"
+    if not he.is_file():
+        pytest.skip(f"{he} not found")
+    line = one_line_error(cli("score", he, "--marker", "CD8", "-o", tmp_path / "o"), str(he))
+    assert "H&E" in line
+    assert "--force-stain" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_stain_check_refuses_or_warns(recwarn):
+    from tilscore.errors import TilscoreWarning
+    from tilscore.stain_check import StainCheck, StainCheckError, apply_stain_check
+
+    refuse = StainCheck("refuse", "pink")
+    with pytest.raises(StainCheckError, match="--force-stain"):
+        apply_stain_check(refuse, "refuse", "x.svs")
+    assert apply_stain_check(refuse, "warn", "x.svs") == "forced"
+    assert apply_stain_check(StainCheck("doubt", "pinkish"), "refuse", "x.svs") == "doubt"
+    assert apply_stain_check(StainCheck("ok"), "refuse", "x.svs") == "ok"
+    assert [str(w.message) for w in recwarn if w.category is TilscoreWarning] == [
+        "x.svs: scored although pink",
+        "x.svs: stain doubt: pinkish",
+    ]
+
+
+@pytest.mark.parametrize("kind", ["greyscale", "fluorescence"])
+def test_greyscale_and_fluorescence_images_are_refused(tmp_path, kind):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    if kind == "greyscale":
+        grey = rng.integers(60, 250, (512, 512), dtype=np.uint8)
+        image = np.repeat(grey[..., None], 3, axis=2)
+    else:  # dim blue nuclei on black
+        image = np.zeros((512, 512, 3), np.uint8)
+        image[..., 2] = rng.integers(0, 30, (512, 512), dtype=np.uint8)
+        image[100:140, 100:140, 2] = 200
+    path = tmp_path / f"{kind}.png"
+    Image.fromarray(image).save(path)
+    line = one_line_error(cli("score", path, "--mpp", "0.5", "-o", tmp_path / "o"), str(path))
+    assert kind in line
+
+
+@pytest.mark.shared_data
+def test_real_ihc_images_are_not_doubted(shared_data):
+    """Every real DAB IHC image of ../shared/data that these sets hold passes the check."""
+    import warnings
+
+    from tilscore.qc import slide_stain_qc
+    from tilscore.slide import open_slide
+    from tilscore.stain_check import check_stains
+
+    files = sorted((shared_data / "deepliif-ki67" / "labeled").glob("*_ihc.png"))
+    files += sorted((shared_data / "nuclick-ihc-lyon19" / "images").glob("*.jpg"))[:4]
+    files += sorted((shared_data / "endonuke-ihc" / "images").glob("*.png"))[:4]
+    files += sorted((shared_data / "unlabeled-ihc").glob("*.png"))
+    files += sorted((shared_data / "ki67-points-dlubak" / "unlabeled").glob("*.png"))
+    if not files:
+        pytest.skip("no real IHC images found")
+    verdicts = {}
+    for path in files:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with open_slide(path, mpp=0.5) as slide:
+                verdicts[path.name] = check_stains(slide_stain_qc(slide)).verdict
+    for path in sorted(EXAMPLES.glob("*.tif")):
+        with open_slide(path) as slide:
+            verdicts[path.name] = check_stains(slide_stain_qc(slide)).verdict
+    assert {k: v for k, v in verdicts.items() if v != "ok"} == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. regions in the wrong scale
+
+
+def test_regions_in_another_scale_are_told():
+    import shapely
+
+    from tilscore.plausible import regions_scale_mismatch
+
+    tissue = shapely.box(112, 32, 3600, 2640)
+    assert regions_scale_mismatch([shapely.box(118, 60, 3599, 2625)], tissue) is None
+    small = [shapely.box(1500, 1000, 2000, 1400)]  # a small annotation in the middle: fine
+    assert regions_scale_mismatch(small, tissue) is None
+    halved = [shapely.box(59, 30, 1800, 1313)]
+    assert "multiplied by 2" in regions_scale_mismatch(halved, tissue)
+    in_um = [shapely.box(28, 8, 900, 660)]  # level-0 px x 0.25 µm/px
+    assert "multiplied by 4" in regions_scale_mismatch(in_um, tissue)
+
+
+@pytest.mark.slow
+def test_score_warns_about_halved_regions(tmp_path):
+    data = json.loads((EXAMPLES / "synthetic_cd8.regions.geojson").read_text())
+
+    def halve(c):
+        return [v / 2 for v in c] if isinstance(c[0], (int, float)) else [halve(x) for x in c]
+
+    for feature in data["features"]:
+        feature["geometry"]["coordinates"] = halve(feature["geometry"]["coordinates"])
+    regions = tmp_path / "half.geojson"
+    regions.write_text(json.dumps(data))
+    cfg = tmp_path / "fast.toml"
+    cfg.write_text(FAST_TOML)
+    proc = cli("score", SLIDE, "--regions", regions, "-o", tmp_path / "o", "--config", cfg)
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warning) == 1
+    assert "multiplied by 2" in warning[0]
+    assert "multiplied by" in (tmp_path / "o" / "run.json").read_text()

@@ -11,10 +11,17 @@ slide and the fix.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["MAX_WORK_PX", "MPP_RANGE", "check_mpp", "check_scoring_work"]
+__all__ = [
+    "MAX_WORK_PX",
+    "MPP_RANGE",
+    "check_mpp",
+    "check_scoring_work",
+    "regions_scale_mismatch",
+]
 
 #: Plausible level-0 pixel sizes (µm/px): a 100x oil objective gives about 0.05, a 2.5x scan
 #: about 4. Scanners record 0.1-0.5 (40x about 0.25, 20x about 0.5).
@@ -74,3 +81,43 @@ def check_scoring_work(width_px: int, height_px: int, mpp: float, where: object 
             hint="Check the pixel size (--mpp, the file's metadata); a section is at most "
             "smaller than 25 x 75 mm",
         )
+
+
+def regions_scale_mismatch(regions: Any, tissue: Any) -> str | None:
+    """Say so when annotations look drawn in another scale than the slide (else None).
+
+    Regions in µm on a px slide, or in the coordinates of a pyramid level, often still fall
+    inside the slide, and would be scored without a word (a quarter of the tissue). The test:
+    the regions' bounding box, scaled about the origin by the ratio of the two boxes' sizes,
+    matches the tissue's bounding box (intersection over union >= 0.85), while as given it
+    does not (< 0.5), and the ratio is not close to 1. ``regions`` is a sequence of shapely
+    geometries (or a RegionSet), ``tissue`` the tissue geometry.
+    """
+    import shapely
+    from shapely import affinity
+
+    geoms = [getattr(r, "geometry", r) for r in regions]
+    geoms = [g for g in geoms if g is not None and not g.is_empty and g.area > 0]
+    if not geoms or tissue is None or tissue.is_empty or tissue.area <= 0:
+        return None
+    r_box = shapely.box(*shapely.union_all([shapely.box(*g.bounds) for g in geoms]).bounds)
+    t_box = shapely.box(*tissue.bounds)
+
+    def iou(a: Any, b: Any) -> float:
+        union = a.union(b).area
+        return a.intersection(b).area / union if union > 0 else 0.0
+
+    as_given = iou(r_box, t_box)
+    if as_given >= 0.5:
+        return None
+    scale = math.sqrt(t_box.area / r_box.area)
+    if not math.isfinite(scale) or 0.8 < scale < 1.25:
+        return None
+    scaled = iou(affinity.scale(r_box, scale, scale, origin=(0, 0)), t_box)
+    if scaled < 0.85:
+        return None
+    return (
+        f"the regions do not fit the tissue (their extent overlaps the tissue's by "
+        f"{100 * as_given:.0f}%), but multiplied by {scale:.3g} they would ({100 * scaled:.0f}%): "
+        "are they in another unit (µm instead of level-0 px) or from another pyramid level?"
+    )

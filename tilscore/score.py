@@ -617,7 +617,7 @@ def iter_score_slide(
     from . import __version__
     from .config import load_config
     from .detect import iter_detect_cells
-    from .plausible import check_mpp, check_scoring_work
+    from .plausible import check_mpp, check_scoring_work, regions_scale_mismatch
     from .qc import slide_stain_qc
     from .regions import RegionSet, auto_regions, build_compartments, load_regions
     from .slide import Slide, open_slide
@@ -677,6 +677,8 @@ def iter_score_slide(
                     TilscoreWarning,
                     stacklevel=2,
                 )
+            elif reg is not None and (mismatch := regions_scale_mismatch(reg, tissue_geom)):
+                warnings.warn(f"{reg.source}: {mismatch}", TilscoreWarning, stacklevel=2)
             scope = _scope(reg, reg_cfg["margin_width_um"], slide.mpp)
             device = None if det_cfg["device"] == "auto" else det_cfg["device"]
             gen = iter_detect_cells(
