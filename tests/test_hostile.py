@@ -457,3 +457,73 @@ def test_score_warns_about_halved_regions(tmp_path):
     assert len(warning) == 1
     assert "multiplied by 2" in warning[0]
     assert "multiplied by" in (tmp_path / "o" / "run.json").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# the family: every expected failure is one line and exit 2; a bug is one line and a saved file
+
+
+def test_family_of_bad_inputs_is_one_line_exit_2(tmp_path):
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    nested = tmp_path / "nested.geojson"
+    nested.write_text('{"type": "FeatureCollection", "features": ' + "[" * 50_000 + "]" * 50_000
+                      + "}")  # fmt: skip
+    fifo = tmp_path / "pipe.tif"
+    os.mkfifo(fifo)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (("score", SLIDE, "-o", tmp_path / "o", "--config", folder), "folder"),
+        (("score", SLIDE, "-o", tmp_path / "o", "--regions", nested), "nested too deeply"),
+        (("detect", SLIDE, "--region", "0,0,inf,100", "-o", tmp_path / "c.csv"), "finite"),
+        (("detect", SLIDE, "-o", afile / "c.csv"), "is a file"),
+        (("score", fifo, "--mpp", "0.5", "-o", tmp_path / "o"), "not a regular file"),
+        (("stain-qc", SLIDE, "-o", afile), "is a file"),
+        (("batch", SLIDE, "-o", afile), "is a file"),
+        (("cohort", afile, "-o", afile), "is a file"),
+        (("score", SLIDE, "--mpp", "0", "-o", tmp_path / "o"), "--help"),  # a usage error
+    ]
+    for args, needle in cases:
+        one_line_error(cli(*args, timeout=120), needle)
+    assert not (tmp_path / "o").exists()  # nothing left behind by the failed runs
+
+
+def test_a_bug_is_one_line_with_the_saved_traceback(capsys, monkeypatch, tmp_path):
+    import tempfile
+
+    from tilscore.failsafe import EXIT_INTERNAL, run_command
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def buggy() -> int:
+        import logging
+
+        logging.getLogger("somelib").warning("a third-party line")
+        raise ValueError("a bug\nover two lines")
+
+    assert run_command("score", buggy) == EXIT_INTERNAL
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "internal error: ValueError: a bug over two lines" in err
+    saved = next(tmp_path.glob("tilscore-error-*.txt"))
+    assert str(saved) in err
+    text = saved.read_text()
+    assert "Traceback" in text
+    assert "a third-party line" in text  # kept in the file, not on the terminal
+
+
+def test_cohort_says_which_values_it_cannot_use(tmp_path):
+    rows = ["slide_id,marker,compartment,pct_positive,patient,timepoint"]
+    for p in range(4):
+        rows.append(f"s{p}a,CD8,tissue,{10 + p},P{p},pre")
+        rows.append(f"s{p}b,CD8,tissue,{'inf' if p == 0 else 20 + p},P{p},post")
+        rows.append(f"s{p}c,CD8,tissue,{30 + p},P{p},surgery")
+    summary = tmp_path / "summary.csv"
+    summary.write_text("\n".join(rows) + "\n")
+    proc = cli("cohort", summary, "-o", tmp_path / "c", "--metric", "pct_positive")
+    assert proc.returncode == 0, proc.stderr
+    printed = " ".join((proc.stdout + proc.stderr).split())  # the console wraps long lines
+    assert "infinite value" in printed
+    assert "'surgery'" in printed
+    assert "Traceback" not in proc.stderr

@@ -937,6 +937,7 @@ def iter_batch(
 
     out = Path(out).expanduser().resolve()
     check_output_dir(out, "batch output folder")
+    out.mkdir(parents=True, exist_ok=True)
     refuse_other_kind(out, "batch")
     items = plan_batch(inputs, config=cfg, marker=marker, exclude=out)
     if not items:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -357,9 +358,11 @@ def _print_info(info: dict) -> None:
 
 
 def _cmd_stain_qc(args: argparse.Namespace) -> int:
+    from .outdir import check_output_dir
     from .qc import slide_stain_qc, write_stain_qc
     from .slide import open_slide
 
+    check_output_dir(args.output)  # before the work
     with open_slide(args.slide, mpp=args.mpp) as slide:
         qc = slide_stain_qc(slide)
         files = write_stain_qc(qc, slide, args.output)
@@ -409,8 +412,8 @@ def _parse_box(text: str | None) -> tuple[float, ...] | None:
         box = tuple(float(v) for v in text.split(","))
     except ValueError:
         box = ()
-    if len(box) != 4:
-        raise ConfigError(f"--region expects X,Y,W,H in level-0 px, got {text!r}")
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        raise ConfigError(f"--region expects X,Y,W,H in level-0 px (finite numbers), got {text!r}")
     return box
 
 
@@ -426,6 +429,9 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             f"cannot tell the output format from {args.output.name!r}",
             hint=f"Use one of the suffixes {', '.join(CELL_FORMATS)}",
         )
+    from .outdir import check_output_file
+
+    check_output_file(args.output, "cells file")  # before the work
     from .config import load_config
 
     rule = load_config(args.config).marker_rule(args.marker, **_parse_overrides(args.overrides))
@@ -520,12 +526,13 @@ def print_summary(result, console) -> None:
 
 def _cmd_register(args: argparse.Namespace) -> int:
     from .export import atomic_write
+    from .outdir import check_output_dir
     from .register import register_slides
 
+    out = check_output_dir(args.output)  # before the work
     reg = register_slides(
         args.moving, args.reference, motion=args.motion, allow_flip=not args.no_flip
     )
-    out = args.output
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(reg.to_dict(), indent=1)
     atomic_write(out / "registration.json", lambda p: p.write_text(text))
@@ -561,6 +568,10 @@ def _read_table(path: Path):
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_tables, format_table
 
+    if args.output is not None:
+        from .outdir import check_output_file
+
+        check_output_file(args.output, "metrics file")
     pred, truth = _read_table(args.pred), _read_table(args.truth)
     metrics = evaluate_tables(
         pred,
@@ -581,7 +592,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .outdir import check_output_dir
 
+    check_output_dir(args.output)  # before the work
     run_demo(args.output, slides_dir=args.slides, console=_console())
     return 0
 
@@ -699,7 +712,9 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
 
     from .cohort import run_cohort, summary_lines
     from .errors import TilscoreWarning
+    from .outdir import check_output_dir
 
+    check_output_dir(args.output)  # before the work
     console = _console()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TilscoreWarning)

@@ -69,6 +69,8 @@ def expected_failure(exc: BaseException) -> str | None:
     """The one-line message of an expected failure, or None for an unexpected one (a bug)."""
     if isinstance(exc, TilscoreError):
         return str(exc)
+    if isinstance(exc, (TimeoutError, ConnectionError)) and exc.filename is None:
+        return f"{exc}. Check the address (e.g. --scheduler) and that the server is running"
     if isinstance(exc, OSError):
         where = exc.filename if exc.filename is not None else None
         what = exc.strerror or str(exc) or type(exc).__name__
@@ -78,7 +80,7 @@ def expected_failure(exc: BaseException) -> str | None:
                 text = f"{where} -> {exc.filename2}: {what}"
         else:
             text = what
-        return f"{text}. Check the path, its permissions and the free space"
+        return f"{text}. {_os_hint(exc)}"
     if isinstance(exc, MemoryError):
         return (
             "not enough memory for this input. Check that it is what it claims to be (size, "
@@ -94,6 +96,24 @@ def expected_failure(exc: BaseException) -> str | None:
             "coordinates"
         )
     return None
+
+
+def _os_hint(exc: OSError) -> str:
+    import errno
+
+    if isinstance(exc, IsADirectoryError):
+        return "It is a folder; name a file"
+    if isinstance(exc, NotADirectoryError):
+        return "A part of the path is a file, not a folder"
+    if isinstance(exc, FileNotFoundError):
+        return "Check the path and spelling"
+    if isinstance(exc, PermissionError):
+        return "Check its permissions, or choose another place"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "Free some space or choose another place"
+    if isinstance(exc, FileExistsError):
+        return "Something of that name is in the way; choose another name"
+    return "Check the path, its permissions and the free space"
 
 
 class _Recorder(logging.Handler):

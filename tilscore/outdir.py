@@ -87,13 +87,12 @@ def _probe(folder: Path, what: str, shown: Path) -> None:
         )
 
 
-def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> tuple[Path, bool]:
-    """Make sure ``path`` is, or can become, a writable folder; returns (path, created).
+def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Make sure ``path`` is, or can become, a writable folder (nothing is created).
 
     Raises a :class:`~tilscore.errors.ConfigError` naming the path when it is a file (or
-    another non-folder), when a part of it is a file, when it cannot be created or written, or
-    when its disk is (nearly) full. ``created`` says that this call made the folder (so that a
-    failed run can remove it again).
+    another non-folder), when a part of it is a file, when it (or, while it does not exist,
+    its nearest existing parent) cannot be written, or when its disk is (nearly) full.
     """
     path = Path(path).expanduser()
     if os.path.lexists(path) and not path.is_dir():
@@ -109,23 +108,8 @@ def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> tu
             path=path,
             hint="Name a folder under an existing folder",
         )
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot create the {what} ({e.strerror or e})",
-            path=path,
-            hint="Choose a place you can write to (-o)",
-        ) from None
-    try:
-        _probe(path, what, path)
-    except ConfigError:
-        if created:
-            with contextlib.suppress(OSError):
-                path.rmdir()
-        raise
-    return path, created
+    _probe(base, what, path)
+    return path
 
 
 def refuse_other_kind(folder: Path, kind: str) -> None:
@@ -266,7 +250,16 @@ def score_output(path: str | os.PathLike) -> Iterator[Path]:
 
     Use before the work; a folder this call created is removed again when the work fails.
     """
-    folder, created = check_output_dir(path)
+    folder = check_output_dir(path)
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot create the output folder ({e.strerror or e})",
+            path=folder,
+            hint="Choose a place you can write to (-o)",
+        ) from None
     try:
         refuse_other_kind(folder, "score")
         with output_lock(folder, ".score.lock", "`tilscore score`"):

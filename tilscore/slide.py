@@ -1427,6 +1427,12 @@ def open_slide(
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(_BACKENDS)}")
     if not path.exists():
         raise SlideReadError("no such file", path=path, hint="Check the path and spelling")
+    if not (path.is_file() or path.is_dir()):  # a pipe, device or socket would block or never end
+        raise SlideReadError(
+            "is not a regular file (a pipe, device or socket)",
+            path=path,
+            hint="Name a slide file, or a DICOM slide's folder",
+        )
     try:
         kind = _sniff(path) if backend == "auto" else backend
     except OSError as e:
