@@ -247,6 +247,8 @@ class SlideResult:
         summary = summarise(
             cells, self.compartments, self.mpp, slide_id=self.slide_id, marker=self.marker
         )
+        for extra in [c for c in self.summary.columns if c not in summary.columns]:
+            summary[extra] = self.summary[extra].iloc[0] if len(self.summary) else None
         prov = json.loads(json.dumps(self.provenance))
         prov["detection"]["marker"] = rule.to_dict()
         prov.setdefault("reclassified", []).append(
@@ -747,7 +749,7 @@ def iter_score_slide(
             summary = summarise(
                 cells, comps, slide.mpp_x, slide.mpp_y, slide_id=sid, marker=rule.name
             )
-            summary["stain_check"] = stain_verdict
+            summary["stain_check"] = stain_verdict  # after SUMMARY_COLUMNS (issue 17)
             # the stain QC's overview (whole slide, read once) serves the overlay and heatmap
             thumb = qc.overview
             thumb_ds = slide.dimensions[0] / thumb.shape[1]
