@@ -527,3 +527,21 @@ def test_cohort_says_which_values_it_cannot_use(tmp_path):
     assert "infinite value" in printed
     assert "'surgery'" in printed
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_local_cluster_listens_on_this_machine_only():
+    psutil = pytest.importorskip("psutil")
+    from tilscore.batch import _client
+
+    with _client(None, 1, 1, "auto", True) as client:
+        me = psutil.Process()
+        listening = {
+            con.laddr.ip
+            for proc in [me, *me.children(recursive=True)]
+            for con in proc.net_connections(kind="inet")
+            if con.status == psutil.CONN_LISTEN
+        }
+        assert client.dashboard_link is None or "127.0.0.1" in client.dashboard_link
+    assert listening
+    assert listening <= {"127.0.0.1"}

@@ -893,7 +893,11 @@ def _client(
             threads_per_worker=threads,
             processes=processes,
             memory_limit=memory_limit,
-            dashboard_address=":0",
+            # everything of a local cluster listens on this machine only, where the printed
+            # addresses say (":0" would open the dashboard on every interface)
+            host="127.0.0.1" if processes else None,
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address="127.0.0.1:0",
             # errors of a slide are caught and recorded by the batch itself; what dask would log
             # at ERROR here is its own shutdown noise (a worker's heartbeat racing the
             # scheduler's close after Ctrl-C printed a traceback), so only CRITICAL gets through
