@@ -237,12 +237,20 @@ def test_batch_slide_time_limit_stops_the_slide_and_records_it():
 def test_batch_time_limit_records_a_failure_and_moves_on(small_slides, tmp_path):
     cfg = tmp_path / "limit.toml"
     cfg.write_text(FAST_TOML + "[batch]\nslide_time_limit_s = 0.01\n")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(small_slides / "a_CD8.tif", folder / "a_CD8.tif")
+    _crafted_tiff(folder / "crafted_CD8.tif", 20000, 10000)  # tifffile logs a warning on it
     out = tmp_path / "res"
-    proc = cli("batch", small_slides / "a_CD8.tif", "-o", out, "--config", cfg, "--workers", "1")
+    proc = cli("batch", folder, "-o", out, "--config", cfg, "--workers", "1")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    errors = pd.read_csv(out / "errors.csv")
-    assert errors.error_type.tolist() == ["SlideTimeLimit"]
-    assert "slide_time_limit_s" in errors.message[0]
+    errors = pd.read_csv(out / "errors.csv").set_index("slide_id")
+    assert errors.error_type.to_dict() == {
+        "a_CD8": "SlideTimeLimit",
+        "crafted_CD8": "SlideReadError",
+    }
+    assert "slide_time_limit_s" in errors.message["a_CD8"]
+    assert proc.stderr.strip() == ""  # the workers' third-party log lines stay off the terminal
 
 
 # ----------------------------------------------------------------------------------------------

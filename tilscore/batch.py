@@ -649,9 +649,11 @@ def score_one(
     threads of the worker process (a local cluster passes its cores per running slide; None
     leaves the process's settings, e.g. on a cluster whose workers set them).
     """
+    from .failsafe import kept_logs
     from .score import iter_score_slide
 
     out = Path(out)
+    logs = None
     t0 = time.perf_counter()
     tmp = out / f".tmp-{item.slide_id}-{secrets.token_hex(4)}"
     record: dict[str, Any] = {"slide_id": item.slide_id, "path": str(item.path)}
@@ -666,7 +668,7 @@ def score_one(
             mpp=item.mpp,
             slide_id=item.slide_id,
         )
-        with _time_limit(limit, item.path) as check:
+        with _time_limit(limit, item.path) as check, kept_logs() as logs:
             result = run_to_end(gen, check)
         tmp.mkdir(parents=True)
         result.save(tmp, config=config)
@@ -696,6 +698,8 @@ def score_one(
         )
         if not isinstance(e, TilscoreError):
             record["traceback"] = traceback.format_exc()
+        if logs is not None and logs.lines:  # third-party log lines: kept, not printed
+            record["log"] = list(logs.lines)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

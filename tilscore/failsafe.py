@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -39,6 +40,7 @@ __all__ = [
     "EXIT_INTERNAL",
     "OneLineParser",
     "expected_failure",
+    "kept_logs",
     "run_command",
     "shown_warnings",
 ]
@@ -229,3 +231,36 @@ def run_command(
                 file=sys.stderr,
             )
             return EXIT_INTERNAL
+
+
+_kept_lock = threading.Lock()
+_kept_depth = 0
+_kept_saved: list = []
+
+
+@contextlib.contextmanager
+def kept_logs() -> Iterator[_Recorder]:
+    """Keep log lines that no handler takes (third-party warnings) off stderr, in a recorder.
+
+    For the scoring of a batch's slide on a worker: Python's last-resort handler would print
+    e.g. tifffile's warnings on the terminal of the batch. Nestable and thread-safe (the
+    last-resort handler is given back when the last user leaves).
+    """
+    global _kept_depth
+    recorder = _Recorder(capacity=200)
+    recorder.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    with _kept_lock:
+        if _kept_depth == 0:
+            _kept_saved[:] = [logging.lastResort]
+            logging.lastResort = None  # type: ignore[assignment]
+        _kept_depth += 1
+        root.addHandler(recorder)
+    try:
+        yield recorder
+    finally:
+        with _kept_lock:
+            root.removeHandler(recorder)
+            _kept_depth -= 1
+            if _kept_depth == 0 and _kept_saved:
+                logging.lastResort = _kept_saved.pop()
