@@ -41,15 +41,12 @@ import pandas as pd
 from tilscore.detect import detect_cells
 from tilscore.evaluate import evaluate_cells
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_sets import deepliif_cases, dlubak_cases, ehh_cases, lyon19_cases
+
 REPO = Path(__file__).resolve().parents[1]
 RADIUS_UM = 4.0
 SYNTHETIC_TEST = {"CD8": 9101, "CD68": 9102, "CD56": 9103}
-
-
-def _rgb(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def synthetic_cases(size_px: int):
@@ -69,76 +66,6 @@ def synthetic_cases(size_px: int):
             "positive_only": False,
             "roi": None,
             "background": tuple(layout.spec.background),
-        }
-
-
-def lyon19_cases(root: Path):
-    d = root / "nuclick-ihc-lyon19"
-    cells = pd.read_csv(d / "cells.csv")
-    for img in sorted((d / "images").glob("*.jpg")):
-        t = cells[cells.image == img.name]
-        yield {
-            "set": "lyon19",
-            "name": img.name,
-            "image": _rgb(img),
-            "mpp": 0.125,
-            "marker": "CD8",
-            "truth": pd.DataFrame({"x": t.x, "y": t.y, "positive": True}),
-            "positive_only": True,
-            "roi": None,
-        }
-
-
-def deepliif_cases(root: Path):
-    d = root / "deepliif-ki67" / "labeled"
-    for img in sorted(d.glob("*_ihc.png")):
-        name = img.name[: -len("_ihc.png")]
-        t = pd.read_csv(d / f"{name}_cells.csv")
-        yield {
-            "set": "deepliif",
-            "name": name,
-            "image": _rgb(img),
-            "mpp": 0.25,
-            "marker": "Ki67",
-            "truth": pd.DataFrame({"x": t.x, "y": t.y, "positive": t["class"] == "positive"}),
-            "positive_only": False,
-            "roi": None,
-        }
-
-
-def dlubak_cases(root: Path):
-    d = root / "ki67-points-dlubak" / "labeled"
-    t = pd.read_csv(d / "503-05_markers.csv")
-    roi = _rgb(d / "503-05_roi.png")[..., 0] > 127
-    yield {
-        "set": "dlubak",
-        "name": "503-05",
-        "image": _rgb(d / "503-05_image.png"),
-        "mpp": 0.5,
-        "marker": "Ki67",
-        # markers are integer pixel indices: their centres are at +0.5
-        "truth": pd.DataFrame({"x": t.x + 0.5, "y": t.y + 0.5, "positive": t.type == 1}),
-        "positive_only": False,
-        "roi": roi,
-    }
-
-
-def ehh_cases(root: Path):
-    d = root / "ki67-net-ehh2025"
-    for img in sorted((d / "images").glob("*.png")):
-        rgb = _rgb(img)
-        h, w = rgb.shape[:2]
-        lab = np.loadtxt(d / "labels_yolo" / f"{img.stem}.txt", ndmin=2)
-        pos = lab[lab[:, 0] < 3]
-        yield {
-            "set": "ehh2025",
-            "name": img.name,
-            "image": rgb,
-            "mpp": 1.0,
-            "marker": "Ki67",
-            "truth": pd.DataFrame({"x": pos[:, 1] * w, "y": pos[:, 2] * h, "positive": True}),
-            "positive_only": True,
-            "roi": None,
         }
 
 

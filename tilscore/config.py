@@ -57,6 +57,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "auto_min_density_per_mm2": 1500.0,
         "auto_min_nest_area_um2": 2000.0,
         "auto_bed_margin_um": 300.0,
+        "exclude_artefacts": True,
+        "max_annotation_removed": 0.05,
     },
     "output": {
         "cells_parquet": True,
@@ -101,6 +103,14 @@ HELP: dict[tuple[str, str], str] = {
     ("regions", "auto_min_density_per_mm2"): "tumour nuclei per mm² in a nest",
     ("regions", "auto_min_nest_area_um2"): "smaller blobs are not nests",
     ("regions", "auto_bed_margin_um"): "nests closer than twice this share one tumour bed",
+    ("regions", "exclude_artefacts"): (
+        "ink, viewer frames and overlays and black pigment are excluded (counted in "
+        "excluded_area_mm2)"
+    ),
+    ("regions", "max_annotation_removed"): (
+        "share of an annotation the tissue mask may remove as glass; above it the annotation "
+        "is scored as drawn, with a warning"
+    ),
     (
         "output",
         "cells_parquet",

@@ -183,7 +183,10 @@ def slide_stain_qc(
             (overview.shape[1], overview.shape[0]),
             interpolation=cv2.INTER_NEAREST,
         ).astype(bool)
-        background = estimate_background(overview, mask=on_tissue)
+        if tissue.info.get("background_source") == "estimated":
+            background = estimate_background(overview, mask=on_tissue)
+        else:  # no glass in the image (all tissue): the tissue mask's fallback, said there
+            background = np.asarray(tissue.info.get("background", (255.0,) * 3), float)
         sample_mpp = max(sample_mpp, slide.mpp)
         boxes = _sample_tissue_boxes(slide, tissue, sample_mpp, sample_tile_px, max_tiles, 0.5)
         if not boxes:  # small or sparse tissue: take the best tiles there are

@@ -765,9 +765,14 @@ class Compartments:
     geometries: dict[str, Any]
     sources: dict[str, str]
     excluded: Any
+    excluded_areas: dict[str, float] = field(default_factory=dict)
 
     def area_mm2(self, name: str, mpp_x: float, mpp_y: float | None = None) -> float:
         return float(self.geometries[name].area) * mpp_x * (mpp_y or mpp_x) / 1e6
+
+    def excluded_mm2(self, name: str, mpp_x: float, mpp_y: float | None = None) -> float:
+        """Area (mm²) that exclusions and artefacts took from compartment ``name``."""
+        return self.excluded_areas.get(name, 0.0) * mpp_x * (mpp_y or mpp_x) / 1e6
 
     def assign(self, x: Iterable[float], y: Iterable[float]) -> tuple[np.ndarray, np.ndarray]:
         """Each point's compartment label and whether it lies in the invasive margin.
@@ -806,6 +811,7 @@ def build_compartments(
     mpp: float,
     margin_width_um: float = 500.0,
     automatic: RegionSet | None = None,
+    artefacts: Any = None,
 ) -> Compartments:
     """Compartments from annotations, the automatic regions and the tissue.
 
@@ -816,7 +822,9 @@ def build_compartments(
     - stromal: the bed minus the nests;
     - invasive margin: ``margin`` regions, else a band ``margin_width_um`` wide in all, half on
       each side of the bed border;
-    - exclusions (``exclude``) are removed from every compartment.
+    - exclusions (``exclude``) and ``artefacts`` (ink, frames, pigment found by the tissue
+      mask) are removed from every compartment; ``Compartments.excluded_areas`` holds, per
+      compartment, the area they took from it.
 
     Parameters
     ----------
@@ -839,6 +847,9 @@ def build_compartments(
     area = regions.geometry("roi") if has("roi") else tissue
     area_src = "annotation" if has("roi") else "tissue mask"
     excluded = regions.geometry("exclude")
+    if artefacts is not None and not artefacts.is_empty:
+        excluded = _polygonal(shapely.union(excluded, artefacts))
+    removed: dict[str, float] = {}
     if has("tumour_bed"):
         bed, bed_src = regions.geometry("tumour_bed"), "annotation"
     elif has("stroma"):
@@ -855,26 +866,29 @@ def build_compartments(
     else:
         nests, nest_src = auto.geometry("tumour"), "automatic"
 
-    def clean(g: Any) -> Any:
+    def clean(g: Any, name: str) -> Any:
         g = _polygonal(shapely.make_valid(g)) if not g.is_valid else _polygonal(g)
         if area is not None:
             g = _polygonal(shapely.intersection(g, area))
+        before = g.area
         if not excluded.is_empty:
             g = _polygonal(shapely.difference(g, excluded))
+        removed[name] = float(before - g.area)
         return g
 
-    bed_c = clean(bed)
-    intra = clean(shapely.intersection(nests, bed) if not bed.is_empty else empty)
-    stromal = clean(shapely.difference(bed, nests))
+    bed_c = clean(bed, "tumour_bed")
+    intra = clean(shapely.intersection(nests, bed) if not bed.is_empty else empty, "intratumoral")
+    stromal = clean(shapely.difference(bed, nests), "stromal")
     if has("margin"):
-        margin, margin_src = clean(regions.geometry("margin")), "annotation"
+        margin, margin_src = clean(regions.geometry("margin"), "invasive_margin"), "annotation"
     elif bed.is_empty or margin_width_um <= 0:
         margin, margin_src = empty, bed_src
+        removed["invasive_margin"] = 0.0
     else:
         half = margin_width_um / 2 / mpp
-        margin = clean(shapely.buffer(shapely.boundary(bed), half, quad_segs=8))
+        margin = clean(shapely.buffer(shapely.boundary(bed), half, quad_segs=8), "invasive_margin")
         margin_src = bed_src
-    tissue_c = clean(area) if area is not None else clean(bed)
+    tissue_c = clean(area, "tissue") if area is not None else clean(bed, "tissue")
     return Compartments(
         geometries={
             "intratumoral": intra,
@@ -891,4 +905,5 @@ def build_compartments(
             "tissue": area_src,
         },
         excluded=excluded,
+        excluded_areas=removed,
     )

@@ -57,6 +57,7 @@ SUMMARY_COLUMNS = (
     "compartment",
     "source",
     "area_mm2",
+    "excluded_area_mm2",
     "n_cells",
     "n_positive",
     "density_per_mm2",
@@ -162,6 +163,7 @@ def summarise(
                     "compartment": name,
                     "source": compartments.sources[name],
                     "area_mm2": area,
+                    "excluded_area_mm2": compartments.excluded_mm2(name, mpp_x, mpp_y),
                     "n_cells": n,
                     "n_positive": k,
                     "density_per_mm2": k / area if area > 0 else np.nan,
@@ -258,6 +260,15 @@ class SlideResult:
 
     # -- outputs ----------------------------------------------------------------------------
 
+    def _counted_positive(self) -> pd.DataFrame:
+        """The positive cells that are counted: not in an exclusion (ink, frames, pigment,
+        exclude regions) and not outside the scored tissue."""
+        cells = self.cells
+        keep = cells["positive"].to_numpy(bool)
+        if "compartment" in cells.columns:
+            keep = keep & ~cells["compartment"].isin(["excluded", "outside"]).to_numpy(bool)
+        return cells[keep]
+
     def overlay_image(self, max_size: int = 1600) -> np.ndarray:
         """RGB overview with compartment outlines and positive cells (for overlay.png)."""
         from PIL import Image, ImageDraw
@@ -268,7 +279,7 @@ class SlideResult:
         for name in ("stromal", "intratumoral", "invasive_margin"):
             _draw_geom(draw, self.compartments.geometries[name], ds, COLOURS[name], width=2)
         _draw_geom(draw, self.compartments.excluded, ds, COLOURS["excluded"], width=2)
-        pos = self.cells[self.cells["positive"]]
+        pos = self._counted_positive()
         r = 3.0
         for x, y in zip(pos["x"].to_numpy() / ds, pos["y"].to_numpy() / ds):
             draw.ellipse(
@@ -282,6 +293,7 @@ class SlideResult:
                 ("intratumoral", COLOURS["intratumoral"]),
                 ("stromal", COLOURS["stromal"]),
                 ("invasive margin", COLOURS["invasive_margin"]),
+                ("excluded (regions, ink)", COLOURS["excluded"]),
                 (f"{self.marker}+ cell", COLOURS["positive"]),
             ],
         )
@@ -296,7 +308,7 @@ class SlideResult:
         w0, h0 = self.dimensions
         bin_px = cell_um / self.mpp
         nx, ny = max(1, int(np.ceil(w0 / bin_px))), max(1, int(np.ceil(h0 / bin_px)))
-        pos = self.cells[self.cells["positive"]]
+        pos = self._counted_positive()
         counts, _, _ = np.histogram2d(
             pos["y"].to_numpy(),
             pos["x"].to_numpy(),
@@ -475,7 +487,7 @@ def _font(size: int = 16) -> Any:
 
 def _legend(draw: Any, items: list[tuple[str, tuple[int, int, int]]]) -> None:
     y = 8
-    draw.rectangle([4, 4, 190, 10 + 20 * len(items)], fill=(255, 255, 255, 210))
+    draw.rectangle([4, 4, 235, 10 + 20 * len(items)], fill=(255, 255, 255, 210))
     for label, colour in items:
         draw.rectangle([8, y + 3, 20, y + 15], fill=(*colour, 255))
         draw.text((26, y), label, fill=(0, 0, 0, 255), font=_font())
@@ -502,6 +514,7 @@ def _report_html(res: SlideResult, images: dict[str, np.ndarray | bytes]) -> str
         ("compartment", "Compartment"),
         ("source", "Source"),
         ("area_mm2", "Area (mm²)"),
+        ("excluded_area_mm2", "Excluded (mm²)"),
         ("n_cells", "Cells"),
         ("n_positive", f"{res.marker}+"),
         ("density_per_mm2", f"{res.marker}+ / mm²"),
@@ -599,6 +612,37 @@ def _scope(regions: RegionSet | None, margin_um: float, mpp: float) -> Any:
     return shapely.buffer(shapely.union_all(parts), margin_um / 2 / mpp, quad_segs=8)
 
 
+def _keep_annotations(
+    reg: RegionSet, tissue: Any, artefacts: Any, max_removed: float, name: str
+) -> Any:
+    """The annotations that the tissue mask would cut by more than ``max_removed`` (their share),
+    with a warning naming the share; None when the mask only takes clear glass from them.
+
+    The user's regions are the truth: only glass may be taken from them, and where the automatic
+    mask would take more than a small share, the annotation is scored as drawn.
+    """
+    import shapely
+
+    covered = tissue if artefacts is None else shapely.union(tissue, artefacts)
+    shapely.prepare(covered)
+    keep = []
+    for r in reg:
+        if r.cls in ("exclude", "roi") or r.geometry.is_empty or r.geometry.area <= 0:
+            continue
+        # what the mask takes as glass (ink and pigment are exclusions, counted apart)
+        removed = shapely.difference(r.geometry, covered).area / r.geometry.area
+        if removed > max_removed:
+            keep.append(r.geometry)
+            warnings.warn(
+                f"{name}: the tissue mask would remove {removed:.0%} of the "
+                f"{r.name or r.cls} annotation as glass; it is scored as drawn "
+                "(draw it on the tissue, or add an exclude region where there is none)",
+                TilscoreWarning,
+                stacklevel=3,
+            )
+    return shapely.union_all(keep) if keep else None
+
+
 def iter_score_slide(
     source: str | os.PathLike | Slide | np.ndarray,
     marker: str = "CD8",
@@ -653,7 +697,11 @@ def iter_score_slide(
                 reg = load_regions(regions, class_map=reg_cfg["class_map"], slide=slide)
             yield "qc", 0, 1
             if qc is None:
-                qc = slide_stain_qc(slide)
+                from .tissue import tissue_mask
+
+                qc = slide_stain_qc(
+                    slide, tissue=tissue_mask(slide, remove_pen=reg_cfg["exclude_artefacts"])
+                )
             # not DAB IHC (H&E, fluorescence, greyscale): refused, or scored with a warning
             stain_check = check_stains(qc)
             stain_verdict = apply_stain_check(stain_check, cfg["stain"]["check"], path or sid)
@@ -661,7 +709,13 @@ def iter_score_slide(
             background = (
                 (255.0, 255.0, 255.0) if cfg["stain"]["background"] == "white" else qc.background
             )
-            tissue_geom = qc.tissue.polygons()
+            # the tissue with the ink and pigment on it: those are excluded below, so that
+            # their area is reported (excluded_area_mm2) rather than silently missing
+            tissue_geom = (
+                qc.tissue.polygons_with_artefacts()
+                if reg_cfg["exclude_artefacts"]
+                else qc.tissue.polygons()
+            )
             if tissue_geom.is_empty:
                 warnings.warn(
                     f"{path or sid}: no tissue found; every count is zero",
@@ -733,10 +787,25 @@ def iter_score_slide(
                 import shapely
 
                 tissue_scope = shapely.intersection(tissue_scope, scope)
+                kept = _keep_annotations(
+                    reg,
+                    tissue_geom,
+                    qc.tissue.artefact_polygons(),
+                    reg_cfg["max_annotation_removed"],
+                    path or sid,
+                )
+                if kept is not None:  # annotations the mask would cut: scored as drawn
+                    tissue_scope = shapely.union(tissue_scope, kept)
             elif scope is not None:
                 tissue_scope = scope
+            artefacts = qc.tissue.artefact_polygons() if reg_cfg["exclude_artefacts"] else None
             comps = build_compartments(
-                reg, tissue_scope, slide.mpp, reg_cfg["margin_width_um"], automatic=auto
+                reg,
+                tissue_scope,
+                slide.mpp,
+                reg_cfg["margin_width_um"],
+                automatic=auto,
+                artefacts=artefacts,
             )
             yield "regions", 1, 1
             yield "score", 0, 1

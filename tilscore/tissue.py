@@ -5,45 +5,43 @@ returns a :class:`TissueMask` that knows its scale, so every query is in level-0
 
 The steps, in order (all thresholds are parameters; the defaults are documented there):
 
-1. Glass: the maximum over R, G, B of the optical density against the glass brightness ``I0``
-   (from :func:`tilscore.stain.estimate_background`), smoothed (Gaussian, sigma 1 mask px), is
-   thresholded at the lower of Otsu's threshold and the glass peak plus six times its noise
-   width (at least 0.02 OD; pale stroma lies between glass and Otsu's split of pale from dense
-   tissue), clipped to ``[threshold_min_od, threshold_max_od]`` (default 0.03-0.15 OD). The
-   clipping keeps the threshold sane when there is no glass (Otsu would then split pale from
-   dark tissue) or no tissue (Otsu would split glass noise).
-2. Small holes (below ``max_hole_area_um2``) in the tissue are filled: nuclei-free pale
+1. Scale: the mask is computed at ``target_mpp``; by default about 8 µm/px for a slide, and
+   finer for a field or a small image (its longer side at 512 mask px, never finer than the
+   image), so that a 61 µm patch and a 20 mm slide both get a usable mask.
+2. Glass (:func:`find_glass`): glass is found positively, as flat, bright, nearly grey areas at
+   least 10 µm across (an opening removes the bright gaps between cells), at least as bright as
+   ``min_glass_brightness`` (scanners render glass at 230-255; a pale tissue or a tinted field
+   without glass is darker), covering at least 2,500 µm² (or 5 % of a smaller image). ``I0`` is
+   the median of the brighter half of those pixels. Where there is no such glass (a field that
+   is all tissue, a small patch, a TMA core with no margin), ``I0`` falls back to the given
+   background, else 255, and the provenance says so (``background_source``); **tissue is never
+   dropped because the glass could not be measured**: without glass, the whole image is tissue.
+3. Tissue, where there is glass: the maximum over R, G, B of the optical density against ``I0``,
+   smoothed (Gaussian, sigma 1 mask px), above the lower of Otsu's threshold and the glass level
+   plus four times its noise width (median and MAD of the glass pixels' OD; at least 0.02 OD),
+   clipped to ``[threshold_min_od, threshold_max_od]`` (default 0.03-0.15 OD). Pale stroma lies
+   between glass and Otsu's split of pale from dense tissue, so the glass-based cut keeps it.
+   Fragments of loose tissue closer than 20 µm are joined (a closing, ``close_um``).
+4. Small holes (below ``max_hole_area_um2``) in the tissue are filled: nuclei-free pale
    stroma, fat cells and small lumens count as tissue area.
-3. Pen marks and ink are removed, also where they cover tissue (domain.md lists pen marks among
-   the excluded areas):
-
-   - blue ink: hue 180-235 degrees, saturation >= 0.55 and value <= 0.85 x glass. Hematoxylin
-     absorbs green at least as much as red, so even dense hematoxylin has hue >= 240 degrees
-     (Ruifrok's vector renders at about 245); a cyan-blue hematoxylin (hue about 210) is
-     diluted by pale surroundings at this scale and stays below the saturation limit;
-   - green ink (and green/teal tissue-marking dye): hue 70-170 degrees, saturation >= 0.25
-     (nothing in an H-DAB slide is green);
-   - black ink and other opaque marks: brightest channel <= 20 % of the glass brightness and
-     either nearly grey (saturation <= 0.3) or blue-black (hue 180-235); very dark purple
-     (dense hematoxylin, keratin) and dark brown (dense DAB) are saturated and stay tissue.
-
-   Each ink mask is dilated by one pixel to take its anti-aliased rim. Red ink is not removed:
-   its hue overlaps DAB.
-4. Objects smaller than ``min_tissue_area_um2`` (dust, debris, ink remnants, specks of
-   floating tissue) are removed.
+5. Ink, viewer frames and overlays and black pigment (:mod:`tilscore.artefacts`) are removed
+   from the tissue, also where they cover it, and kept as ``TissueMask.artefacts`` so that
+   scoring can exclude the cells on them and report their area.
+6. Objects smaller than ``min_tissue_area_um2`` (dust, debris, ink remnants, specks of
+   floating tissue; at most 0.2 % of the image's area, so that a small field keeps its tissue)
+   are removed.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ConfigError, MissingPixelSizeError, TilscoreWarning
-from .stain import estimate_background, optical_density, row_blocks
+from .errors import ConfigError, MissingPixelSizeError
+from .stain import optical_density, row_blocks
 
 if TYPE_CHECKING:  # pragma: no cover
     import shapely
@@ -75,12 +73,17 @@ class TissueMask:
         Level-0 pixels per mask pixel.
     info
         What was used (glass brightness, OD threshold, parameters), for provenance.
+    artefacts
+        Optional bool (h, w) on the same grid: ink, frames, overlays and black pigment removed
+        from the tissue (:mod:`tilscore.artefacts`; those on glass are not kept); ``None`` = none
+        looked for.
     """
 
     mask: np.ndarray
     mpp: float
     downsample: float
     info: dict[str, Any] = field(default_factory=dict)
+    artefacts: np.ndarray | None = None
     _integral: np.ndarray | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +91,11 @@ class TissueMask:
         if m.ndim != 2:
             raise ConfigError(f"a tissue mask must be 2-D, got shape {m.shape}")
         self.mask = m.astype(bool, copy=False)
+        if self.artefacts is not None:
+            a = np.asarray(self.artefacts, dtype=bool)
+            if a.shape != m.shape:
+                raise ConfigError(f"artefact mask {a.shape} does not match the mask {m.shape}")
+            self.artefacts = a
         if not (self.mpp > 0 and self.downsample > 0):
             raise ConfigError(
                 f"mask mpp ({self.mpp}) and downsample ({self.downsample}) must be positive"
@@ -252,6 +260,28 @@ class TissueMask:
             )
         return geom
 
+    def polygons_with_artefacts(self) -> shapely.MultiPolygon:
+        """The tissue and the artefacts on it, as polygons (what scoring starts from: the
+        artefacts are then excluded, and their area reported)."""
+        if self.artefacts is None or not self.artefacts.any():
+            return self.polygons()
+        return TissueMask(self.mask | self.artefacts, self.mpp, self.downsample).polygons()
+
+    def artefact_polygons(self) -> shapely.MultiPolygon:
+        """The artefacts (ink, frames, pigment) as polygons in level-0 px (empty when none)."""
+        import shapely
+
+        if self.artefacts is None or not self.artefacts.any():
+            return shapely.MultiPolygon()
+        return TissueMask(self.artefacts, self.mpp, self.downsample).polygons()
+
+    @property
+    def artefact_area_mm2(self) -> float:
+        """Area of the artefacts in mm² (0 when none were looked for)."""
+        if self.artefacts is None:
+            return 0.0
+        return float(np.count_nonzero(self.artefacts)) * (self.mpp * 1e-3) ** 2
+
     def to_dict(self) -> dict[str, Any]:
         """Provenance record (no pixels): scale, area, tissue fraction and what was used."""
         return {
@@ -260,6 +290,7 @@ class TissueMask:
             "shape": list(self.mask.shape),
             "area_mm2": self.area_mm2,
             "tissue_fraction": self.tissue_fraction,
+            "artefact_area_mm2": self.artefact_area_mm2,
             **self.info,
         }
 
@@ -283,47 +314,22 @@ def _as_multipolygon(geom: Any) -> shapely.MultiPolygon:
 # computing the mask
 
 
-def _hsv(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Hue (degrees), saturation (0-1) and value (0-255) as float32 arrays."""
-    f = rgb.astype(np.float32)
-    r, g, b = f[..., 0], f[..., 1], f[..., 2]
-    # element-wise over the three channels: numpy's reductions over a length-3 axis are slower
-    vmax = np.maximum(np.maximum(r, g), b)
-    vmin = np.minimum(np.minimum(r, g), b)
-    chroma = vmax - vmin
-    safe = np.where(chroma > 0, chroma, 1.0)
-    hue = np.where(
-        vmax == r,
-        ((g - b) / safe) % 6.0,
-        np.where(vmax == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
-    )
-    hue = np.where(chroma > 0, hue * 60.0, 0.0)
-    sat = chroma / np.maximum(vmax, 1.0)
-    return hue.astype(np.float32), sat.astype(np.float32), vmax
-
-
 def pen_mask(rgb: np.ndarray, background: np.ndarray | None = None) -> np.ndarray:
-    """Blue, green and black ink (bool (h, w)); the rules are in this module's docstring.
+    """Blue, green and black ink by the broad rules of :mod:`tilscore.artefacts` (bool (h, w)).
 
     Parameters
     ----------
     rgb
-        (h, w, 3) uint8 RGB at low resolution (several µm/px).
+        (h, w, 3) uint8 RGB at low resolution (several µm/px), taken as it is.
     background
         Glass brightness ``I0`` per channel (8-bit); ``None`` = 255.
     """
     import cv2
 
+    from .artefacts import broad_ink
+
     i0 = 255.0 if background is None else float(np.max(background))
-    ink = np.zeros(rgb.shape[:2], np.uint8)
-    for rows in row_blocks(rgb.shape[0], rgb.shape[1], _BLOCK_PX)[0]:
-        hue, sat, val = _hsv(rgb[rows])
-        blue = (hue >= 180) & (hue <= 235) & (sat >= 0.55) & (val <= 0.85 * i0)
-        green = (hue >= 70) & (hue <= 170) & (sat >= 0.25)
-        # black ink is neutral or blue-black; dark purple (dense hematoxylin) and dark brown
-        # (dense DAB) at this scale are saturated with other hues and stay tissue
-        black = (val <= 0.2 * i0) & ((sat <= 0.3) | ((hue >= 180) & (hue <= 235)))
-        ink[rows] = blue | green | black
+    ink = broad_ink(rgb, i0).astype(np.uint8)
     if ink.any():
         ink = cv2.dilate(ink, np.ones((3, 3), np.uint8))
     return ink.astype(bool)
@@ -357,8 +363,20 @@ def _fill_small_holes(mask: np.ndarray, max_area_px: float) -> np.ndarray:
     return mask | fill[labels]
 
 
+#: the longer side of a field's or small image's mask (mask px) when target_mpp is not given
+FIELD_MASK_PX = 512
+#: the coarsest default mask scale (µm/px): whole slides
+SLIDE_MASK_MPP = 8.0
+
+
+def default_mask_mpp(width_px: float, height_px: float, mpp: float) -> float:
+    """The default mask scale: 8 µm/px for a slide, finer for a field (512 px on its longer
+    side), never finer than the image itself."""
+    return float(min(SLIDE_MASK_MPP, max(mpp, max(width_px, height_px) * mpp / FIELD_MASK_PX)))
+
+
 def _read_source(
-    source: Any, mpp: float | None, target_mpp: float
+    source: Any, mpp: float | None, target_mpp: float | None
 ) -> tuple[np.ndarray, float, float]:
     """(rgb at about target_mpp, its µm/px, level-0 px per pixel)."""
     import cv2
@@ -378,9 +396,11 @@ def _read_source(
             raise ConfigError(
                 f"tissue_mask needs an (H, W, 3) uint8 RGB array, got {rgb.shape} {rgb.dtype}"
             )
+        h, w = rgb.shape[:2]
+        if target_mpp is None:
+            target_mpp = default_mask_mpp(w, h, mpp)
         factor = max(1.0, target_mpp / mpp)
         if factor > 1.0:
-            h, w = rgb.shape[:2]
             size = (max(1, round(w / factor)), max(1, round(h / factor)))
             rgb = cv2.resize(np.ascontiguousarray(rgb), size, interpolation=cv2.INTER_AREA)
         return np.ascontiguousarray(rgb), mpp * factor, factor
@@ -388,44 +408,118 @@ def _read_source(
     if mpp is not None:
         raise ConfigError("mpp is taken from the slide; pass it to open_slide(path, mpp=...)")
     slide_mpp = float(source.mpp)
-    eff = max(target_mpp, slide_mpp)
     w0, h0 = source.dimensions
+    if target_mpp is None:
+        target_mpp = default_mask_mpp(w0, h0, slide_mpp)
+    eff = max(target_mpp, slide_mpp)
     rgb = source.read_at_mpp(0, 0, w0, h0, eff)
     return np.ascontiguousarray(rgb[..., :3]), eff, eff / slide_mpp
 
 
-def _glass_peak(od: np.ndarray) -> tuple[float, float]:
-    """OD of the glass peak (the histogram mode among low ODs) and its noise width.
+@dataclass
+class Glass:
+    """What :func:`find_glass` found: ``i0`` (per channel, or None: no glass), the glass pixels
+    (bool, the image's grid) and their share of the image."""
 
-    The width is measured on the peak's left flank, which tissue cannot reach (tissue only adds
-    optical density): the root mean square distance of the values below the mode.
+    i0: np.ndarray | None
+    pixels: np.ndarray
+    fraction: float
+
+
+def find_glass(
+    rgb: np.ndarray,
+    mpp: float,
+    *,
+    max_saturation: float = 0.12,
+    max_std: float = 6.0,
+    min_width_um: float = 10.0,
+    min_area_um2: float = 2500.0,
+    min_glass_brightness: float = 220.0,
+) -> Glass:
+    """Find clear glass in an RGB image at ``mpp`` µm/px (see the module docstring, step 2).
+
+    Parameters
+    ----------
+    rgb
+        (h, w, 3) uint8 RGB.
+    mpp
+        Its µm/px.
+    max_saturation
+        Largest chroma / brightness of a glass pixel.
+    max_std
+        Largest local standard deviation of the grey level (5 x 5 px) of a glass pixel: glass
+        is flat, tissue is textured.
+    min_width_um
+        Glass areas narrower than this (the bright gaps between cells) do not count.
+    min_area_um2
+        Less glass than this (or than 5 % of a smaller image) is no glass.
+    min_glass_brightness
+        The glass found must be at least this bright (mean of R, G, B, 8-bit).
     """
-    if od.size == 0:
-        return 0.0, 0.0
-    low = od[od < 0.3]
-    if low.size < 16:
-        return 0.0, 0.0
-    hist, edges = np.histogram(low, bins=300, range=(-0.3, 0.3))
-    i = int(np.argmax(hist))
-    mode = float(0.5 * (edges[i] + edges[i + 1]))
-    left = low[low <= mode]
-    sigma = float(np.sqrt(np.mean((left - mode) ** 2))) if left.size else 0.0
-    return mode, sigma
+    import cv2
+
+    from .artefacts import hsv
+    from .stain import BACKGROUND_RANGE
+
+    h, w = rgb.shape[:2]
+    none = Glass(None, np.zeros((h, w), bool), 0.0)
+    if h < 3 or w < 3:
+        return none
+    vmax = np.max(rgb, axis=2)  # uint8: a byte per pixel on a large slide's overview
+    step = max(1, vmax.size // 2_000_000)
+    bright_ref = float(np.percentile(vmax.ravel()[::step], 99.5))
+    min_value = max(0.9 * bright_ref, BACKGROUND_RANGE[0], min_glass_brightness - 10)
+    cand = np.zeros((h, w), np.uint8)
+    # row blocks with a 2-row halo for the 5 x 5 local deviation: bounded float temporaries
+    rows_per_block = max(8, _BLOCK_PX // max(w, 1))
+    for r0 in range(0, h, rows_per_block):
+        r1 = min(h, r0 + rows_per_block)
+        a0, a1 = max(0, r0 - 2), min(h, r1 + 2)
+        block = rgb[a0:a1]
+        _, sat, val = hsv(block)
+        grey = block.astype(np.float32).mean(axis=2)
+        mean = cv2.blur(grey, (5, 5))
+        var = cv2.blur(grey * grey, (5, 5)) - mean * mean
+        flat = var <= max_std * max_std
+        ok = (sat <= max_saturation) & (val >= min_value) & flat
+        cand[r0:r1] = ok[r0 - a0 : r0 - a0 + (r1 - r0)]
+    r = round(min_width_um / 2 / mpp)
+    if r >= 1 and cand.any():
+        disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+        # the border counts as glass-like for the opening: glass at the image's edge stays
+        padded = cv2.copyMakeBorder(cand, r, r, r, r, cv2.BORDER_REPLICATE)
+        cand = cv2.morphologyEx(padded, cv2.MORPH_OPEN, disk)[r:-r, r:-r]
+    cand = cand.astype(bool)
+    min_px = max(16.0, min(min_area_um2, 0.05 * h * w * mpp * mpp) / (mpp * mpp))
+    n = int(np.count_nonzero(cand))
+    if n < min_px:
+        return none
+    idx = np.flatnonzero(cand.ravel())
+    idx = idx[:: max(1, idx.size // 1_000_000)]  # at most about a million glass pixels
+    glass = rgb.reshape(-1, 3)[idx].astype(np.float64)
+    brightness = glass.mean(axis=1)
+    upper = glass[brightness >= np.median(brightness)]
+    i0 = np.median(upper, axis=0)
+    if float(i0.mean()) < min_glass_brightness:
+        return none
+    return Glass(np.clip(i0, *BACKGROUND_RANGE), cand, n / (h * w))
 
 
 def tissue_mask(
     source: Slide | np.ndarray,
     mpp: float | None = None,
     *,
-    target_mpp: float = 8.0,
+    target_mpp: float | None = None,
     background: Any = None,
     threshold_min_od: float = 0.03,
     threshold_max_od: float = 0.15,
     min_tissue_area_um2: float = MIN_TISSUE_AREA_UM2,
     max_hole_area_um2: float = MAX_HOLE_AREA_UM2,
     remove_pen: bool = True,
+    min_glass_brightness: float = 220.0,
+    close_um: float = 10.0,
 ) -> TissueMask:
-    """Find the tissue: glass excluded, pen marks, dust and small debris removed, holes filled.
+    """Find the tissue: glass excluded, ink and pigment removed, debris removed, holes filled.
 
     Parameters
     ----------
@@ -435,74 +529,96 @@ def tissue_mask(
     mpp
         µm/px of an array source (required for arrays; taken from the slide otherwise).
     target_mpp
-        µm/px at which the mask is computed (a coarser source is used as it is).
+        µm/px at which the mask is computed (a coarser source is used as it is); default: 8 for
+        a slide, finer for a field (:func:`default_mask_mpp`).
     background
-        Glass brightness ``I0`` per channel (8-bit); estimated from the image when ``None``.
+        Glass brightness ``I0`` per channel (8-bit); estimated from the glass when ``None``
+        (and 255 where there is no glass).
     threshold_min_od, threshold_max_od
-        Bounds (OD units) of the Otsu threshold on the smoothed maximum channel OD.
+        Bounds (OD units) of the tissue threshold on the smoothed maximum channel OD.
     min_tissue_area_um2
-        Smaller connected objects are removed (µm²; default 0.02 mm²).
+        Smaller connected objects are removed (µm²; default 0.02 mm², at most 0.2 % of the image).
     max_hole_area_um2
         Smaller holes inside tissue are filled (µm²; default 0.02 mm²).
     remove_pen
-        Remove blue, green and black ink.
+        Remove ink, viewer frames and overlays and black pigment (:mod:`tilscore.artefacts`).
+    min_glass_brightness
+        Glass darker than this (mean of R, G, B) is not glass: see :func:`find_glass`.
+    close_um
+        Tissue fragments closer than twice this (µm) are joined (morphological closing).
 
     Returns
     -------
     TissueMask
-        With ``info`` holding the background, threshold and parameters used.
+        With ``info`` holding the background and its source, the glass share, the threshold
+        and the parameters used, and ``artefacts`` the marks removed.
     """
     import cv2
     from skimage.filters import threshold_otsu
 
-    if not (target_mpp > 0 and math.isfinite(target_mpp)):
+    from .artefacts import artefact_mask
+
+    if target_mpp is not None and not (target_mpp > 0 and math.isfinite(target_mpp)):
         raise ConfigError(f"target_mpp must be a positive number of µm/px, got {target_mpp!r}")
     rgb, mask_mpp, downsample = _read_source(source, mpp, target_mpp)
-    if background is None:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", TilscoreWarning)
-            i0 = estimate_background(rgb)
-        background_source = "estimated" if not caught else "default-255"
-        for w in caught:
-            warnings.warn(str(w.message), TilscoreWarning, stacklevel=2)
-    else:
+    glass = find_glass(rgb, mask_mpp, min_glass_brightness=min_glass_brightness)
+    if background is not None:
         i0 = np.asarray(background, dtype=np.float64).reshape(-1)
         i0 = np.repeat(i0, 3) if i0.size == 1 else i0
         background_source = "user"
-
-    od = np.empty(rgb.shape[:2], np.float32)  # the largest channel OD, row block by row block
-    for rows in row_blocks(rgb.shape[0], rgb.shape[1], _BLOCK_PX)[0]:
-        od3 = optical_density(rgb[rows], i0)
-        np.maximum(np.maximum(od3[..., 0], od3[..., 1]), od3[..., 2], out=od[rows])
-    od = cv2.GaussianBlur(od, (0, 0), 1.0)
-    finite_px = np.isfinite(od)
-    finite = od.ravel() if finite_px.all() else od[finite_px]
-    if finite.size and np.ptp(finite) > 1e-6:
-        otsu = float(threshold_otsu(finite))
+    elif glass.i0 is not None:
+        i0, background_source = glass.i0, "estimated"
     else:
-        otsu = threshold_max_od
-    glass_level, glass_sigma = _glass_peak(finite)
-    # Otsu splits dense tissue from everything pale; pale stroma lies between glass and Otsu's
-    # threshold. Glass is a narrow peak whose left flank only glass populates (tissue adds OD),
-    # so a threshold a few noise widths above that peak keeps pale tissue too.
-    glass_cut = glass_level + max(6.0 * glass_sigma, 0.02)
-    threshold = float(np.clip(min(otsu, glass_cut), threshold_min_od, threshold_max_od))
-    tissue = od > threshold
+        i0, background_source = np.full(3, 255.0), "default 255 (no glass in the image)"
 
     px_area = mask_mpp * mask_mpp
-    tissue = _fill_small_holes(tissue, max_hole_area_um2 / px_area)
-    pen = pen_mask(rgb, i0) if remove_pen else np.zeros_like(tissue)
-    tissue &= ~pen
-    tissue = _remove_small(tissue, min_tissue_area_um2 / px_area)
+    otsu = glass_level = glass_sigma = threshold = float("nan")
+    if glass.i0 is None:
+        # no glass to measure against: the whole image is tissue (never dropped because the
+        # estimate failed); ink, frames and pigment are still removed below
+        tissue = np.ones(rgb.shape[:2], bool)
+    else:
+        od = np.empty(rgb.shape[:2], np.float32)  # the largest channel OD, row block by row block
+        for rows in row_blocks(rgb.shape[0], rgb.shape[1], _BLOCK_PX)[0]:
+            od3 = optical_density(rgb[rows], i0)
+            np.maximum(np.maximum(od3[..., 0], od3[..., 1]), od3[..., 2], out=od[rows])
+        od = cv2.GaussianBlur(od, (0, 0), 1.0)
+        finite_px = np.isfinite(od)
+        finite = od.ravel() if finite_px.all() else od[finite_px]
+        otsu = float(threshold_otsu(finite)) if np.ptp(finite) > 1e-6 else threshold_max_od
+        on_glass = od[glass.pixels & finite_px]
+        glass_level = float(np.median(on_glass))
+        glass_sigma = float(1.4826 * np.median(np.abs(on_glass - glass_level)))
+        glass_cut = glass_level + max(4.0 * glass_sigma, 0.02)
+        threshold = float(np.clip(min(otsu, glass_cut), threshold_min_od, threshold_max_od))
+        tissue = od > threshold
+        # loose and pale tissue breaks into fragments at the threshold: join those closer than
+        # twice close_um (nuclei in pale stroma, fibres), then fill the small holes
+        r = round(close_um / mask_mpp)
+        if r >= 1 and tissue.any():
+            disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+            padded = cv2.copyMakeBorder(tissue.view(np.uint8), r, r, r, r, cv2.BORDER_CONSTANT)
+            tissue = cv2.morphologyEx(padded, cv2.MORPH_CLOSE, disk)[r:-r, r:-r].astype(bool)
+        tissue = _fill_small_holes(tissue, max_hole_area_um2 / px_area)
+    art = artefact_mask(rgb, mask_mpp, i0) if remove_pen else np.zeros(rgb.shape[:2], bool)
+    art &= tissue  # the marks that cover tissue (those on glass take nothing from it)
+    tissue &= ~art
+    image_area_um2 = rgb.shape[0] * rgb.shape[1] * px_area
+    min_area = min(min_tissue_area_um2, 0.002 * image_area_um2)
+    tissue = _remove_small(tissue, min_area / px_area)
+
+    def r4(v: float) -> float | None:
+        return round(v, 4) if math.isfinite(v) else None
 
     info = {
         "background": [round(float(v), 2) for v in i0],
         "background_source": background_source,
-        "od_threshold": round(threshold, 4),
-        "otsu_threshold": round(otsu, 4),
-        "glass_od": round(glass_level, 4),
-        "glass_od_sigma": round(glass_sigma, 4),
-        "pen_fraction": round(float(pen.mean()), 5) if pen.size else 0.0,
+        "glass_fraction": round(glass.fraction, 5),
+        "od_threshold": r4(threshold),
+        "otsu_threshold": r4(otsu),
+        "glass_od": r4(glass_level),
+        "glass_od_sigma": r4(glass_sigma),
+        "pen_fraction": round(float(art.mean()), 5) if art.size else 0.0,
         "params": {
             "target_mpp": target_mpp,
             "threshold_min_od": threshold_min_od,
@@ -510,9 +626,26 @@ def tissue_mask(
             "min_tissue_area_um2": min_tissue_area_um2,
             "max_hole_area_um2": max_hole_area_um2,
             "remove_pen": remove_pen,
+            "min_glass_brightness": min_glass_brightness,
+            "close_um": close_um,
         },
     }
-    return TissueMask(tissue, mpp=mask_mpp, downsample=downsample, info=info)
+    return TissueMask(
+        tissue,
+        mpp=mask_mpp,
+        downsample=downsample,
+        info=info,
+        artefacts=art if remove_pen else None,
+    )
 
 
-__all__ = ["MAX_HOLE_AREA_UM2", "MIN_TISSUE_AREA_UM2", "TissueMask", "pen_mask", "tissue_mask"]
+__all__ = [
+    "MAX_HOLE_AREA_UM2",
+    "MIN_TISSUE_AREA_UM2",
+    "Glass",
+    "TissueMask",
+    "default_mask_mpp",
+    "find_glass",
+    "pen_mask",
+    "tissue_mask",
+]

@@ -51,6 +51,8 @@ OPAQUE_MAX_INTENSITY = 16
 #: tiles processed at once in threads by default (capped at the CPU count; see
 #: ``benchmarks/run.py`` and docs/performance.md for the measurement behind it)
 DEFAULT_WORKERS = 2
+#: a cut tile's corner lies on a multiple of this many tile px (the network's largest stride)
+_CROP_ALIGN = 32
 #: a tile is cut to its tissue only where that leaves less than this share of its pixels
 _CROP_MIN_SAVING = 0.9
 
@@ -156,10 +158,10 @@ class _Area:
     def fraction_in(self, x: float, y: float, width: float, height: float) -> float:
         import shapely
 
-        if self.region is not None and not shapely.intersects(
-            self.region, shapely.box(x, y, x + width, y + height)
-        ):
-            return 0.0
+        if self.region is not None:
+            # the user's region is scored as drawn: its tiles are visited whatever the mask says
+            hit = shapely.intersects(self.region, shapely.box(x, y, x + width, y + height))
+            return 1.0 if hit else 0.0
         return 1.0 if self.tissue is None else self.tissue.fraction_in(x, y, width, height)
 
 
@@ -212,17 +214,19 @@ def _stains_and_background(
 ) -> tuple[StainMatrix, np.ndarray, TissueMask | None]:
     """Resolve the stain vectors, ``I0`` and tissue mask of a run (estimated where asked).
 
-    A slide file: the tissue mask, ``I0`` and vectors are estimated from the slide unless given
-    (``qc``: a :func:`tilscore.qc.slide_stain_qc` result already computed for this slide).
-    An image in memory: Ruifrok-Johnston and I0 = 255 unless given; ``stains="estimate"``
-    estimates the vectors from the image itself (no tissue mask: a field is all tissue).
+    A slide file, or an image in memory given without stains and background: the tissue mask,
+    ``I0`` and vectors are estimated from it as :func:`tilscore.score.score_image` does (``qc``:
+    a :func:`tilscore.qc.slide_stain_qc` result already computed for it), so that detect_cells
+    and score_image find the same cells. An image in memory with stains or a background given:
+    Ruifrok-Johnston and I0 = 255 for the one not given; ``stains="estimate"`` estimates the
+    vectors from the image itself (no tissue mask).
     """
     from ..stain import RUIFROK_HDAB, StainMatrix, estimate_stain_vectors
 
     if isinstance(stains, str) and stains != "estimate":
         raise ConfigError(f"stains must be a StainMatrix, 'estimate' or None, got {stains!r}")
     tissue = None
-    if not is_array:
+    if not is_array or qc is not None or (stains is None and background is None):
         if qc is None:
             from ..qc import slide_stain_qc
 
@@ -254,7 +258,8 @@ def _tissue_box(
     The tile is ``size`` px square at ``ds`` level-0 px per px, its corner at level-0 ``x``,
     ``y`` (the ``crop`` that :meth:`tilscore.slide.Slide.iter_tiles` asks for). The box is the
     bounding box of the tissue-mask pixels under the tile, grown by ``margin_px`` (tile px)
-    plus one mask pixel (the mask is coarse); None where that box is most of the tile anyway.
+    plus one mask pixel or 8 µm, whichever is more; None where that box is most of the tile
+    anyway.
     """
     h = w = size
     mds, m = tissue.downsample, tissue.mask
@@ -267,10 +272,14 @@ def _tissue_box(
     rows, cols = np.flatnonzero(sub.any(axis=1)), np.flatnonzero(sub.any(axis=0))
     if not rows.size:
         return None
-    pad = margin_px + mds / ds
-    x0 = max(0, math.floor(((c0 + cols[0]) * mds - x) / ds - pad))
+    # one mask pixel, and at least 8 µm (a fine mask of a small slide is tight around the tissue)
+    pad = margin_px + max(mds, 8.0 * mds / tissue.mpp) / ds
+    # the box's corner on a multiple of _CROP_ALIGN px: the network sees the cut tile on the
+    # same pixel grid as the whole one (its pooling and output stride), so the cells are the same
+    a = _CROP_ALIGN
+    x0 = max(0, math.floor(((c0 + cols[0]) * mds - x) / ds - pad) // a * a)
     x1 = min(w, math.ceil(((c0 + cols[-1] + 1) * mds - x) / ds + pad))
-    y0 = max(0, math.floor(((r0 + rows[0]) * mds - y) / ds - pad))
+    y0 = max(0, math.floor(((r0 + rows[0]) * mds - y) / ds - pad) // a * a)
     y1 = min(h, math.ceil(((r0 + rows[-1] + 1) * mds - y) / ds + pad))
     if (x1 - x0) * (y1 - y0) >= _CROP_MIN_SAVING * w * h:
         return None
@@ -439,8 +448,12 @@ def iter_detect_cells(
             return _detect_tile(tile, det, rule, stains_used, bg, tile_size_px, halo_px)
 
         def crop(x: float, y: float, ds: float, size: int) -> tuple[slice, slice] | None:
-            # only the part of a tile within the halo of tissue is read and processed
-            return None if tissue is None else _tissue_box(x, y, ds, size, tissue, halo_px)
+            # only the part of a tile within the halo of tissue is read and processed; a region
+            # is read whole, as drawn, and the classical detector (whose background opening
+            # sees the whole tile) always reads whole tiles
+            if tissue is None or geom is not None or det.kind != "cnn":
+                return None
+            return _tissue_box(x, y, ds, size, tissue, halo_px)
 
         tiles = slide.iter_tiles(det.mpp, tile_size_px, halo_px, mask=area, crop=crop)
         # closing: a caller that stops early (napari's cancel) also stops the worker threads
@@ -519,9 +532,10 @@ def detect_cells(
         Keyword: restrict a slide to a shapely geometry or an (x, y, width, height) box in
         level-0 px.
     stains, background
-        Keyword: stain matrix (or "estimate") and glass brightness ``I0`` (R, G, B). For slides
-        both are estimated from the slide when omitted; for arrays the defaults are the
-        Ruifrok-Johnston vectors and I0 = 255.
+        Keyword: stain matrix (or "estimate") and glass brightness ``I0`` (R, G, B). When both
+        are omitted they are estimated from the slide or image with its tissue mask, as
+        :func:`tilscore.score.score_image` does; for an array given one of them, the other
+        defaults to the Ruifrok-Johnston vectors or I0 = 255.
     qc
         Keyword: the slide's :func:`tilscore.qc.slide_stain_qc` result, when the caller already
         has it (its tissue mask, vectors and ``I0`` are then not computed again).
