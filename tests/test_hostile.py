@@ -123,6 +123,17 @@ def test_score_output_naming_a_file_or_an_impossible_place(tmp_path):
     assert afile.read_text() == "mine"
 
 
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write anywhere")
+def test_score_output_in_an_unwritable_folder_is_refused_before_the_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        one_line_error(cli("score", SLIDE, "-o", locked / "o"), "cannot write")
+    finally:
+        locked.chmod(0o700)
+
+
 def test_score_refuses_a_folder_another_run_is_writing(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -241,13 +252,15 @@ def test_batch_time_limit_records_a_failure_and_moves_on(small_slides, tmp_path)
     folder.mkdir()
     shutil.copy(small_slides / "a_CD8.tif", folder / "a_CD8.tif")
     _crafted_tiff(folder / "crafted_CD8.tif", 20000, 10000)  # tifffile logs a warning on it
+    os.mkfifo(folder / "pipe_CD8.tif")  # would block the batch if it were read
     out = tmp_path / "res"
-    proc = cli("batch", folder, "-o", out, "--config", cfg, "--workers", "1")
+    proc = cli("batch", folder, "-o", out, "--config", cfg, "--workers", "1", timeout=240)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     errors = pd.read_csv(out / "errors.csv").set_index("slide_id")
     assert errors.error_type.to_dict() == {
         "a_CD8": "SlideTimeLimit",
         "crafted_CD8": "SlideReadError",
+        "pipe_CD8": "SlideReadError",
     }
     assert "slide_time_limit_s" in errors.message["a_CD8"]
     assert proc.stderr.strip() == ""  # the workers' third-party log lines stay off the terminal

@@ -35,6 +35,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -458,6 +459,8 @@ def scoring_config_hash(config: Any) -> str:
 
 def _file_fingerprint(path: Path, mode: str) -> dict[str, Any]:
     st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a pipe or device would block or never end
+        raise OSError("not a regular file (a pipe, device or socket)")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if mode == "full":
