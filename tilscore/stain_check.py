@@ -79,9 +79,9 @@ def check_stains(qc: Any) -> StainCheck:
     # pure black pixels are left out: brightfield fields masked to black outside the tissue
     # (real Ki67 fragments in ../shared/data) are not dark-field images
     lit = lum[overview.max(axis=1) > 0]
-    measures: dict[str, float] = {
-        "overview_median_brightness": float(np.median(lit)) if lit.size else 0.0
-    }
+    if lit.size < MIN_PIXELS:  # all black: nothing to judge (scored as it is: no tissue)
+        return StainCheck("ok", "the image is black", {"lit_pixels": float(lit.size)})
+    measures: dict[str, float] = {"overview_median_brightness": float(np.median(lit))}
     if measures["overview_median_brightness"] < DARK_MEDIAN:
         return StainCheck(
             "refuse",
