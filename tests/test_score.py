@@ -54,7 +54,8 @@ def test_compartment_metrics_match_the_synthetic_truth(scored, marker):
 
 def test_summary_is_consistent(scored):
     s = scored["CD8"].summary
-    assert list(s.columns) == list(SUMMARY_COLUMNS)
+    assert list(s.columns) == [*SUMMARY_COLUMNS, "stain_check"]
+    assert set(s.stain_check) == {"ok"}
     assert list(s["compartment"]) == [
         "intratumoral",
         "stromal",
@@ -109,6 +110,7 @@ def test_provenance_records_what_was_used(scored):
 def test_reclassify_changes_positives_without_detection(scored):
     res = scored["CD8"]
     higher = res.reclassify(threshold_od=0.3)
+    assert list(higher.summary.columns) == list(res.summary.columns)  # stain_check kept
     assert len(higher.cells) == len(res.cells)
     assert higher.cells[["x", "y"]].equals(res.cells[["x", "y"]])
     assert higher.summary["n_positive"].sum() < res.summary["n_positive"].sum()

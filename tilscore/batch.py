@@ -35,6 +35,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 import traceback
@@ -55,6 +56,7 @@ __all__ = [
     "BatchEvent",
     "BatchItem",
     "BatchReport",
+    "SlideTimeLimit",
     "assign_slide_ids",
     "batch_settings",
     "default_cluster_size",
@@ -457,6 +459,8 @@ def scoring_config_hash(config: Any) -> str:
 
 def _file_fingerprint(path: Path, mode: str) -> dict[str, Any]:
     st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a pipe or device would block or never end
+        raise OSError("not a regular file (a pipe, device or socket)")
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if mode == "full":
@@ -506,6 +510,45 @@ def _done_key(folder: Path) -> str | None:
         return None
 
 
+def _done_record(folder: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((folder / _DONE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "key" in record else None
+
+
+def _done_path(folder: Path, path: Path) -> str | None:
+    """The slide a finished ``folder`` holds, when it is not ``path`` (else None)."""
+    record = _done_record(folder)
+    if record is None or not record.get("path"):
+        return None
+    other = str(record["path"])
+    return None if other == str(path) else other
+
+
+def _earlier_slides(out: Path, ids: set[str]) -> list[BatchItem]:
+    """The finished slide folders of ``out`` that this run does not name (earlier runs)."""
+    found = []
+    for folder in sorted(out.iterdir()):
+        if folder.name.startswith(".") or folder.name in ids or not folder.is_dir():
+            continue
+        record = _done_record(folder)
+        if record is None:
+            continue
+        meta = record.get("meta") if isinstance(record.get("meta"), dict) else {}
+        found.append(
+            BatchItem(
+                path=Path(str(record.get("path") or folder)),
+                slide_id=folder.name,
+                marker=record.get("marker"),
+                meta=meta,
+                source="earlier run",
+            )
+        )
+    return found
+
+
 # ----------------------------------------------------------------------------------------------
 # one slide (runs on a worker)
 
@@ -534,6 +577,66 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class SlideTimeLimit(TilscoreError):
+    """A slide of a batch took longer than ``[batch] slide_time_limit_s``."""
+
+
+class _Overtime(Exception):
+    """Raised asynchronously in a scoring thread by the time-limit watchdog."""
+
+
+@contextlib.contextmanager
+def _time_limit(limit_s: float, path: Path) -> Iterator[Callable[[Any], None]]:
+    """A step callback raising :class:`SlideTimeLimit` once ``limit_s`` seconds have passed.
+
+    Scoring yields a step per tile, where the limit is checked. A stage that yields nothing
+    for long (one huge read) is interrupted too: a watchdog raises the error asynchronously
+    in the scoring thread (it takes effect at the thread's next Python instruction).
+    0 = no limit.
+    """
+
+    def error() -> SlideTimeLimit:
+        return SlideTimeLimit(
+            f"still scoring after the time limit of {limit_s:g} s; stopped",
+            path=path,
+            hint="Check its pixel size and size, or raise [batch] slide_time_limit_s",
+        )
+
+    if not limit_s or limit_s <= 0:
+        yield lambda step: None
+        return
+    deadline = time.monotonic() + limit_s
+
+    def check(step: Any) -> None:
+        if time.monotonic() > deadline:
+            raise error()
+
+    import ctypes
+
+    tid = threading.get_ident()
+    finished = threading.Event()
+    fired: list[bool] = []
+
+    def watchdog() -> None:
+        grace = min(60.0, max(1.0, 0.1 * limit_s))  # the per-step check first
+        if not finished.wait(limit_s + grace):
+            fired.append(True)
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(tid), ctypes.py_object(_Overtime)
+            )
+
+    dog = threading.Thread(target=watchdog, name="tilscore-time-limit", daemon=True)
+    dog.start()
+    try:
+        yield check
+    except _Overtime:
+        raise error() from None
+    finally:
+        finished.set()
+        if fired:  # an asynchronous exception not yet delivered must not hit later code
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
+
+
 def score_one(
     item: BatchItem,
     out: str | os.PathLike,
@@ -549,15 +652,18 @@ def score_one(
     threads of the worker process (a local cluster passes its cores per running slide; None
     leaves the process's settings, e.g. on a cluster whose workers set them).
     """
-    from .score import score_slide
+    from .failsafe import kept_logs
+    from .score import iter_score_slide
 
     out = Path(out)
+    logs = None
     t0 = time.perf_counter()
     tmp = out / f".tmp-{item.slide_id}-{secrets.token_hex(4)}"
     record: dict[str, Any] = {"slide_id": item.slide_id, "path": str(item.path)}
     try:
         _set_threads(threads)
-        result = score_slide(
+        limit = float(batch_settings(config).get("slide_time_limit_s") or 0)
+        gen = iter_score_slide(
             item.path,
             marker=item.marker,
             regions=item.regions,
@@ -565,6 +671,8 @@ def score_one(
             mpp=item.mpp,
             slide_id=item.slide_id,
         )
+        with _time_limit(limit, item.path) as check, kept_logs() as logs:
+            result = run_to_end(gen, check)
         tmp.mkdir(parents=True)
         result.save(tmp, config=config)
         seconds = time.perf_counter() - t0
@@ -593,6 +701,8 @@ def score_one(
         )
         if not isinstance(e, TilscoreError):
             record["traceback"] = traceback.format_exc()
+        if logs is not None and logs.lines:  # third-party log lines: kept, not printed
+            record["log"] = list(logs.lines)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -632,6 +742,9 @@ class BatchReport:
         The output folder.
     done, skipped
         Slide ids scored in this run, and found already done with the same key.
+    kept
+        Slide ids finished by earlier runs into ``out`` that this run did not name: kept, and
+        in ``summary.csv`` too.
     failed
         One record per failed slide (``slide_id``, ``path``, ``error_type``, ``message``).
     summary_path, errors_path, cells_dir
@@ -651,6 +764,7 @@ class BatchReport:
     cells_dir: Path
     dashboard: str | None = None
     seconds: float = 0.0
+    kept: list[str] = field(default_factory=list)
 
     @property
     def n_done(self) -> int:
@@ -709,47 +823,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@contextlib.contextmanager
-def _lock(out: Path) -> Iterator[None]:
+def _lock(out: Path) -> contextlib.AbstractContextManager[None]:
     """One batch at a time per output folder (a lock file holding host and pid)."""
-    path = out / _LOCK
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                host, pid = path.read_text().split()
-                alive = host != socket.gethostname() or _pid_alive(int(pid))
-            except (OSError, ValueError):
-                alive = False
-            if alive:
-                raise ConfigError(
-                    f"another batch ({path.read_text().strip()}) is writing here",
-                    path=out,
-                    hint=f"Wait for it, or remove {path} if it is gone",
-                ) from None
-            path.unlink(missing_ok=True)  # left by a run that was killed
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        break
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if path.read_text() == me:
-                path.unlink()
+    from .outdir import output_lock
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return output_lock(out, _LOCK, "batch")
 
 
 def _clean_leftovers(out: Path) -> list[Path]:
@@ -822,7 +900,11 @@ def _client(
             threads_per_worker=threads,
             processes=processes,
             memory_limit=memory_limit,
-            dashboard_address=":0",
+            # everything of a local cluster listens on this machine only, where the printed
+            # addresses say (":0" would open the dashboard on every interface)
+            host="127.0.0.1" if processes else None,
+            dashboard_address="127.0.0.1:0",
+            worker_dashboard_address="127.0.0.1:0",
             # errors of a slide are caught and recorded by the batch itself; what dask would log
             # at ERROR here is its own shutdown noise (a worker's heartbeat racing the
             # scheduler's close after Ctrl-C printed a traceback), so only CRITICAL gets through
@@ -862,8 +944,12 @@ def iter_batch(
         )
     cfg = _load_config(config)
     settings = batch_settings(cfg)
+    from .outdir import check_output_dir, refuse_other_kind
+
     out = Path(out).expanduser().resolve()
+    check_output_dir(out, "batch output folder")
     out.mkdir(parents=True, exist_ok=True)
+    refuse_other_kind(out, "batch")
     items = plan_batch(inputs, config=cfg, marker=marker, exclude=out)
     if not items:
         raise ConfigError(
@@ -893,6 +979,17 @@ def iter_batch(
             keys[item.slide_id] = key
             if not force and _done_key(out / item.slide_id) == key:
                 skipped.append(item.slide_id)
+            elif not force and (other := _done_path(out / item.slide_id, item.path)):
+                failed.append(
+                    _failure(
+                        item,
+                        "OutputTaken",
+                        f"{item.path}: {out / item.slide_id} holds the finished result of "
+                        f"another slide ({other}); it is kept. Give this slide another "
+                        "slide_id (manifest column), another -o, or --force to replace it",
+                    )
+                )
+                keys.pop(item.slide_id)
             else:
                 to_run.append((item, key))
         early = list(failed)  # reported as events once the run starts; in errors.csv anyway
@@ -968,11 +1065,14 @@ def iter_batch(
                 and it.slide_id not in failed_ids
                 and _done_key(out / it.slide_id) == keys[it.slide_id]
             ]
-            summary_path, errors_path, cells_dir = _write_outputs(out, items, finished, failed)
+            summary_path, errors_path, cells_dir, kept = _write_outputs(
+                out, items, finished, failed
+            )
     return BatchReport(
         out=out,
         done=done,
         skipped=skipped,
+        kept=kept,
         failed=failed,
         summary_path=summary_path,
         errors_path=errors_path,
@@ -1059,14 +1159,24 @@ _ERROR_COLUMNS = ["slide_id", "path", "marker", "error_type", "message", "traceb
 
 def _write_outputs(
     out: Path, items: Sequence[BatchItem], finished: Sequence[BatchItem], failed: list[dict]
-) -> tuple[Path, Path, Path]:
-    """Rebuild summary.csv, cells/ and errors.csv from the finished slides of this run."""
+) -> tuple[Path, Path, Path, list[str]]:
+    """Rebuild summary.csv, cells/ and errors.csv from the finished slides of ``out``.
+
+    Those of this run come first, in its order; then those of earlier runs that this run did
+    not name (their folders are whole results, kept; ``source`` "earlier run").
+    """
     import pandas as pd
 
     from .export import atomic_write
 
     order = {item.slide_id: i for i, item in enumerate(items)}
     finished = sorted(finished, key=lambda it: order[it.slide_id])
+    # the summary covers every finished slide of the folder, not only those named this time
+    tried = {it.slide_id for it in finished} | {
+        it.slide_id for it in items if _done_path(out / it.slide_id, it.path) is None
+    }
+    earlier = _earlier_slides(out, tried)
+    finished = finished + earlier
     tables = []
     cells_dir = out / "cells"
     cells_dir.mkdir(exist_ok=True)
@@ -1101,7 +1211,7 @@ def _write_outputs(
     )
     errors = errors.reindex(columns=_ERROR_COLUMNS)
     errors_path = atomic_write(out / "errors.csv", lambda p: errors.to_csv(p, index=False))
-    return summary_path, errors_path, cells_dir
+    return summary_path, errors_path, cells_dir, [it.slide_id for it in earlier]
 
 
 def _with_meta(summary: pd.DataFrame, item: BatchItem) -> pd.DataFrame:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,18 +41,51 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _mpp(text: str) -> float:
+    from .plausible import check_mpp
+
+    value = _positive_float(text)
+    try:
+        return check_mpp(value)
+    except TilscoreError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_mpp(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mpp",
-        type=_positive_float,
+        type=_mpp,
         default=None,
         metavar="UM_PER_PX",
         help="level-0 pixel size in µm/px; overrides the file's (needed when the file has none)",
     )
 
 
+def _add_force_stain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--force-stain",
+        action="store_true",
+        help="score an image that does not look like DAB IHC (H&E, fluorescence, greyscale) "
+        "anyway, with a warning",
+    )
+
+
+def _with_force_stain(config, force: bool):
+    """The config with ``[stain] check = "warn"`` when ``--force-stain`` was given."""
+    from .config import Config, load_config
+
+    config = load_config(config)
+    if not force:
+        return config
+    data = config.to_dict()
+    data["stain"] = {**data["stain"], "check": "warn"}
+    return Config.from_dict(data, source=config.source)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .failsafe import OneLineParser
+
+    parser = OneLineParser(
         prog="tilscore",
         description="Score tumour-infiltrating immune cells in IHC whole-slide images.",
     )
@@ -126,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, metavar="TOML", help="configuration file")
     _add_set(p)
     _add_mpp(p)
+    _add_force_stain(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_score)
 
@@ -218,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads-per-worker", type=_positive_int, default=None, help="slides at once per worker"
     )
     p.add_argument("--force", action="store_true", help="score every slide again")
+    _add_force_stain(p)
     p.set_defaults(func=_cmd_batch)
 
     p = sub.add_parser("config", help="print the configuration (TOML) with every default")
@@ -322,9 +358,11 @@ def _print_info(info: dict) -> None:
 
 
 def _cmd_stain_qc(args: argparse.Namespace) -> int:
+    from .outdir import check_output_dir
     from .qc import slide_stain_qc, write_stain_qc
     from .slide import open_slide
 
+    check_output_dir(args.output)  # before the work
     with open_slide(args.slide, mpp=args.mpp) as slide:
         qc = slide_stain_qc(slide)
         files = write_stain_qc(qc, slide, args.output)
@@ -374,8 +412,8 @@ def _parse_box(text: str | None) -> tuple[float, ...] | None:
         box = tuple(float(v) for v in text.split(","))
     except ValueError:
         box = ()
-    if len(box) != 4:
-        raise ConfigError(f"--region expects X,Y,W,H in level-0 px, got {text!r}")
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        raise ConfigError(f"--region expects X,Y,W,H in level-0 px (finite numbers), got {text!r}")
     return box
 
 
@@ -391,6 +429,9 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             f"cannot tell the output format from {args.output.name!r}",
             hint=f"Use one of the suffixes {', '.join(CELL_FORMATS)}",
         )
+    from .outdir import check_output_file
+
+    check_output_file(args.output, "cells file")  # before the work
     from .config import load_config
 
     rule = load_config(args.config).marker_rule(args.marker, **_parse_overrides(args.overrides))
@@ -417,25 +458,31 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from .config import load_config
+    from .outdir import score_output, staged_save
     from .score import iter_score_slide
 
-    config = load_config(args.config)
-    gen = iter_score_slide(
-        args.slide,
-        args.marker,
-        args.regions,
-        config,
-        mpp=args.mpp,
-        **_parse_overrides(args.overrides),
-    )
+    config = _with_force_stain(load_config(args.config), args.force_stain)
     console = _console()
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("scoring", total=None)
-        result = run_to_end(
-            gen,
-            lambda step: bar.update(task, description=step[0], completed=step[1], total=step[2]),
+    # the output is checked and locked before the work; the old files stay until all new ones
+    # are written
+    with score_output(args.output) as out:
+        gen = iter_score_slide(
+            args.slide,
+            args.marker,
+            args.regions,
+            config,
+            mpp=args.mpp,
+            **_parse_overrides(args.overrides),
         )
-    files = result.save(args.output, config)
+        with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+            task = bar.add_task("scoring", total=None)
+            result = run_to_end(
+                gen,
+                lambda step: bar.update(
+                    task, description=step[0], completed=step[1], total=step[2]
+                ),
+            )
+        files = staged_save(out, lambda stage: result.save(stage, config))
     print_summary(result, console)
     console.print(f"wrote {len(files)} files to {args.output}; open {files.get('report', '')}")
     return 0
@@ -470,18 +517,22 @@ def print_summary(result, console) -> None:
     console.print(table)
     sources = dict(zip(result.summary["compartment"], result.summary["source"]))
     console.print("regions: " + ", ".join(f"{k} {v}" for k, v in sources.items()))
+    from .failsafe import shown_warnings
+
     for w in result.provenance.get("warnings", []):
-        console.print(f"[yellow]warning[/yellow]: {w}")
+        if " ".join(str(w).split()) not in shown_warnings:  # not printed on stderr already
+            console.print(f"[yellow]warning[/yellow]: {w}")
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
     from .export import atomic_write
+    from .outdir import check_output_dir
     from .register import register_slides
 
+    out = check_output_dir(args.output)  # before the work
     reg = register_slides(
         args.moving, args.reference, motion=args.motion, allow_flip=not args.no_flip
     )
-    out = args.output
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(reg.to_dict(), indent=1)
     atomic_write(out / "registration.json", lambda p: p.write_text(text))
@@ -517,6 +568,10 @@ def _read_table(path: Path):
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_tables, format_table
 
+    if args.output is not None:
+        from .outdir import check_output_file
+
+        check_output_file(args.output, "metrics file")
     pred, truth = _read_table(args.pred), _read_table(args.truth)
     metrics = evaluate_tables(
         pred,
@@ -537,7 +592,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
+    from .outdir import check_output_dir
 
+    check_output_dir(args.output)  # before the work
     run_demo(args.output, slides_dir=args.slides, console=_console())
     return 0
 
@@ -551,7 +608,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         result = run_batch(
             args.inputs,
             args.output,
-            config=args.config,
+            config=_with_force_stain(args.config, args.force_stain),
             marker=args.marker,
             scheduler=args.scheduler,
             workers=args.workers,
@@ -570,7 +627,9 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     report.close()
     console.print(
         f"{result.n_done} scored, {result.n_skipped} already done, {result.n_failed} failed "
-        f"in {result.seconds:.0f} s; wrote {result.summary_path}"
+        f"in {result.seconds:.0f} s"
+        + (f", {len(result.kept)} from earlier runs kept" if result.kept else "")
+        + f"; wrote {result.summary_path}"
         + (f" and {result.errors_path}" if result.failed else ""),
         soft_wrap=True,
     )
@@ -653,7 +712,9 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
 
     from .cohort import run_cohort, summary_lines
     from .errors import TilscoreWarning
+    from .outdir import check_output_dir
 
+    check_output_dir(args.output)  # before the work
     console = _console()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TilscoreWarning)
@@ -681,16 +742,12 @@ def _cmd_cohort(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``tilscore`` console script; returns the exit status."""
+    from .failsafe import run_command
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except TilscoreError as exc:
-        print(f"tilscore {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print(f"tilscore {args.command}: interrupted", file=sys.stderr)
-        return 130
+    # expected failures: one line, exit 2; a bug: one line and a saved traceback (exit 3)
+    return run_command(args.command, lambda: args.func(args), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

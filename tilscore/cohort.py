@@ -312,6 +312,14 @@ def load_cohort(
                 path=source,
                 hint="Metric columns must be numbers; leave unknown values empty",
             )
+        infinite = values.notna() & ~np.isfinite(values.astype(float))
+        if infinite.any():  # not dropped without a word (issue 17)
+            warnings.warn(
+                f"{source or 'summary'}: column {metric!r} holds {int(infinite.sum())} "
+                "infinite value(s); they are left out like empty ones",
+                TilscoreWarning,
+                stacklevel=3,
+            )
         df[metric] = values.astype(float).where(np.isfinite(values.astype(float)))  # inf -> NaN
     for col in ("slide_id", "marker", "compartment"):
         df[col] = df[col].astype(str)
@@ -446,6 +454,16 @@ def paired_change(
             f"{df.attrs.get('source') or 'summary'}: no slide has timepoint "
             f"{', '.join(repr(a) for a in absent)} (timepoints: {', '.join(sorted(present))}); "
             "no pairs",
+            TilscoreWarning,
+            stacklevel=2,
+        )
+    others = sorted(t for t in present if t not in (pre, post))
+    if others:  # slides of other timepoints are not paired: said, not dropped silently
+        n_other = int(df["timepoint"].isin(others).sum())
+        warnings.warn(
+            f"{df.attrs.get('source') or 'summary'}: {n_other} row(s) with timepoint "
+            f"{', '.join(repr(t) for t in others)} are not {pre!r} or {post!r} and are left out "
+            "of the pairs (--pre / --post name the two)",
             TilscoreWarning,
             stacklevel=2,
         )

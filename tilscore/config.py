@@ -46,6 +46,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "stain": {
         "vectors": "estimate",
         "background": "estimate",
+        "check": "refuse",
     },
     "regions": {
         "margin_width_um": 500.0,
@@ -75,6 +76,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "workers": 0,
         "threads_per_worker": 0,
         "memory_limit": "auto",
+        "slide_time_limit_s": 0.0,
     },
 }
 
@@ -88,6 +90,8 @@ HELP: dict[tuple[str, str], str] = {
     ("detect", "tile_workers"): "tiles processed at once in threads; 0 = min(2, CPU count)",
     ("stain", "vectors"): '"estimate" per slide, or "ruifrok" (Ruifrok-Johnston H-DAB)',
     ("stain", "background"): '"estimate" glass I0 per slide, or "white" (255, 255, 255)',
+    ("stain", "check"): 'an image that is clearly not DAB IHC (H&E, fluorescence, greyscale): '
+    '"refuse" it, or "warn" and score it (--force-stain)',
     ("regions", "margin_width_um"): "invasive margin band in all, half each side of the border",
     (
         "regions",
@@ -127,6 +131,8 @@ HELP: dict[tuple[str, str], str] = {
     ("batch", "workers"): "local cluster: worker processes, threads per worker; 0 = chosen for "
     "the machine (docs/scaling.md)",
     ("batch", "memory_limit"): 'per local worker: "auto" (machine memory / workers) or "8GB"',
+    ("batch", "slide_time_limit_s"): "a slide still scoring after this many seconds is recorded "
+    "as failed (SlideTimeLimit) and the batch moves on; 0 = no limit",
 }
 
 
@@ -231,6 +237,8 @@ class Config:
             raise ConfigError("[stain] vectors must be 'estimate' or 'ruifrok'", path=where)
         if values["stain"]["background"] not in ("estimate", "white"):
             raise ConfigError("[stain] background must be 'estimate' or 'white'", path=where)
+        if values["stain"]["check"] not in ("refuse", "warn"):
+            raise ConfigError("[stain] check must be 'refuse' or 'warn'", path=where)
         return cfg
 
     def marker_rule(self, marker: Any, **overrides: Any):

@@ -303,6 +303,12 @@ class RegionSet:
                 geom = shapely.geometry.shape(feat["geometry"])
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
                 raise RegionError(f"feature {i}: unreadable geometry ({exc})", path=path) from None
+            if not np.isfinite(shapely.get_coordinates(geom)).all():  # NaN/Infinity (issue 17)
+                raise RegionError(
+                    f"feature {i} has a coordinate that is not a finite number",
+                    path=path,
+                    hint="Fix or remove the feature (NaN and Infinity are not coordinates)",
+                )
             if geom.geom_type not in ("Polygon", "MultiPolygon", "GeometryCollection"):
                 skipped[geom.geom_type] = skipped.get(geom.geom_type, 0) + 1
                 continue

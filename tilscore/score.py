@@ -82,12 +82,29 @@ COLOURS = {
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """SHA-256 of a file's bytes (read in 4 MiB chunks)."""
+    """SHA-256 of a file's bytes (read in 4 MiB chunks).
+
+    A folder (a DICOM slide) is hashed file by file in sorted order, each file's relative
+    path and bytes, so that the same folder anywhere gives the same hash.
+    """
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
+    root = Path(path)
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for file in files:
+        if root.is_dir():
+            h.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
     return h.hexdigest()
+
+
+def _input_size(path: str) -> int:
+    """Bytes of a slide file, or of every file of a slide folder (DICOM)."""
+    root = Path(path)
+    if root.is_dir():
+        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    return os.path.getsize(root)
 
 
 def _in_thread(fn: Any, *args: Any) -> Future:
@@ -232,6 +249,8 @@ class SlideResult:
         summary = summarise(
             cells, self.compartments, self.mpp, slide_id=self.slide_id, marker=self.marker
         )
+        for extra in [c for c in self.summary.columns if c not in summary.columns]:
+            summary[extra] = self.summary[extra].iloc[0] if len(self.summary) else None
         prov = json.loads(json.dumps(self.provenance))
         prov["detection"]["marker"] = rule.to_dict()
         prov.setdefault("reclassified", []).append(
@@ -644,10 +663,12 @@ def iter_score_slide(
     from . import __version__
     from .config import load_config
     from .detect import iter_detect_cells
+    from .plausible import check_mpp, check_scoring_work, regions_scale_mismatch
     from .qc import slide_stain_qc
     from .regions import RegionSet, auto_regions, build_compartments, load_regions
     from .slide import Slide, open_slide
     from .stain import RUIFROK_HDAB
+    from .stain_check import apply_stain_check, check_stains
 
     started, t0 = _now(), time.perf_counter()
     cfg = load_config(config)
@@ -664,6 +685,8 @@ def iter_score_slide(
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", TilscoreWarning)
             path = None if slide.vendor == "array" else str(slide.path)
+            check_mpp(slide.mpp, path, slide.mpp_source)  # before hours of work (issue 17)
+            check_scoring_work(*slide.dimensions, slide.mpp, path)
             sid = slide_id or (Path(path).name.split(".")[0] if path else "image")
             # the file's hash (provenance) is read in a thread while the stain QC, which
             # uses one core, runs: about a second per GB, otherwise spent at the end
@@ -679,6 +702,9 @@ def iter_score_slide(
                 qc = slide_stain_qc(
                     slide, tissue=tissue_mask(slide, remove_pen=reg_cfg["exclude_artefacts"])
                 )
+            # not DAB IHC (H&E, fluorescence, greyscale): refused, or scored with a warning
+            stain_check = check_stains(qc)
+            stain_verdict = apply_stain_check(stain_check, cfg["stain"]["check"], path or sid)
             stains = RUIFROK_HDAB if cfg["stain"]["vectors"] == "ruifrok" else qc.stains
             background = (
                 (255.0, 255.0, 255.0) if cfg["stain"]["background"] == "white" else qc.background
@@ -707,6 +733,8 @@ def iter_score_slide(
                     TilscoreWarning,
                     stacklevel=2,
                 )
+            elif reg is not None and (mismatch := regions_scale_mismatch(reg, tissue_geom)):
+                warnings.warn(f"{reg.source}: {mismatch}", TilscoreWarning, stacklevel=2)
             scope = _scope(reg, reg_cfg["margin_width_um"], slide.mpp)
             device = None if det_cfg["device"] == "auto" else det_cfg["device"]
             gen = iter_detect_cells(
@@ -790,6 +818,7 @@ def iter_score_slide(
             summary = summarise(
                 cells, comps, slide.mpp_x, slide.mpp_y, slide_id=sid, marker=rule.name
             )
+            summary["stain_check"] = stain_verdict  # after SUMMARY_COLUMNS (issue 17)
             # the stain QC's overview (whole slide, read once) serves the overlay and heatmap
             thumb = qc.overview
             thumb_ds = slide.dimensions[0] / thumb.shape[1]
@@ -808,7 +837,7 @@ def iter_score_slide(
                 "vendor": slide.vendor,
                 "dimensions": list(slide.dimensions),
                 "mpp": slide.mpp,
-                "file_size": os.path.getsize(path) if path else None,
+                "file_size": _input_size(path) if path else None,
                 "file_sha256": digest.result() if digest is not None else None,
             },
             "detection": settings.to_dict(),
@@ -816,6 +845,7 @@ def iter_score_slide(
                 "estimated_stains": qc.stains.to_dict(),
                 "estimated_background": [float(v) for v in qc.background],
                 "tissue": qc.tissue.to_dict(),
+                "stain_check": stain_check.to_dict(),
             },
             "regions": {
                 "source": regions_used.source if (reg is not None or auto) else "none",

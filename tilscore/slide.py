@@ -379,6 +379,15 @@ def _tiff_properties(page: Any) -> dict[str, str]:
 # ------------------------------------------------------------------------ tifffile: levels ---
 
 
+#: The largest tile or strip decoded at once (bytes): larger ones are refused, not allocated.
+_MAX_CHUNK_BYTES = 1 << 30
+#: Decoded bytes per stored byte beyond which a TIFF level's header is not believed (a blank
+#: 256 px JPEG tile is about 300:1, deflate at most about 1000:1).
+_MAX_COMPRESSION_RATIO = 20000
+#: The largest physical size (mm, either side) a slide may claim: no glass slide is larger.
+_MAX_SLIDE_MM = 250.0
+
+
 class _TiffLevel:
     """Tile (or strip) geometry and decoding of one pyramid level (one TIFF page)."""
 
@@ -438,6 +447,31 @@ class _TiffLevel:
                 "the file is corrupt",
                 path=path,
             )
+        # sizes against the file before anything is allocated: a header may claim more pixels
+        # than any decoder could produce from the bytes stored (a crafted or corrupt file)
+        spp = 1 if self.separate else max(1, int(key.samplesperpixel))
+        chunk_bytes = self.tile_w * self.tile_h * spp * max(8, int(key.bitspersample)) // 8
+        kind = "tiles" if key.is_tiled else "strips"
+        if chunk_bytes > _MAX_CHUNK_BYTES:
+            raise UnsupportedFormatError(
+                f"a pyramid level stores its pixels in {kind} of {chunk_bytes / 2**30:.1f} GB "
+                "each, too large to decode",
+                path=path,
+                hint="Convert it to a tiled pyramid, e.g. vips tiffsave IN OUT.tif --tile "
+                "--pyramid --compression jpeg",
+            )
+        stored = self.counts[:needed]
+        nonzero = stored[stored > 0]
+        if key.compression != 1 and nonzero.size:
+            ratio = chunk_bytes * nonzero.size / max(1, int(nonzero.sum()))
+            if ratio > _MAX_COMPRESSION_RATIO:
+                raise SlideReadError(
+                    f"a pyramid level claims {self.width} x {self.height} px in "
+                    f"{int(nonzero.sum())} bytes of image data ({ratio:.0f}:1, more than any "
+                    "codec gives); the header is corrupt",
+                    path=path,
+                    hint="Copy or export the slide again",
+                )
         ends = self.offsets[:needed] + self.counts[:needed]
         if needed and (int(ends.max()) > file_size or int(self.offsets[:needed].min()) < 0):
             raise SlideReadError(
@@ -946,6 +980,17 @@ class Slide:
         self.level_dimensions = tuple((int(w), int(h)) for w, h in meta.level_dimensions)
         if not self.level_dimensions or min(min(d) for d in self.level_dimensions) < 1:
             raise SlideReadError("the slide has an empty pyramid level", path=path)
+        w_mm = self.level_dimensions[0][0] * self.mpp_x / 1000.0
+        h_mm = self.level_dimensions[0][1] * self.mpp_y / 1000.0
+        if max(w_mm, h_mm) > _MAX_SLIDE_MM:  # before an overview or a mask is allocated
+            raise SlideReadError(
+                f"{self.level_dimensions[0][0]} x {self.level_dimensions[0][1]} px at "
+                f"{self.mpp_x:.4g} µm/px ({self.mpp_source}) is {w_mm:.0f} x {h_mm:.0f} mm, "
+                "larger than any glass slide; the header or the pixel size is wrong",
+                path=path,
+                hint="Check the pixel size (--mpp); a slide whose header claims this size is "
+                "corrupt",
+            )
         self.dimensions = self.level_dimensions[0]
         self.level_count = len(self.level_dimensions)
         w0, h0 = self.dimensions
@@ -1382,6 +1427,12 @@ def open_slide(
         raise ConfigError(f"backend {backend!r} is not one of {', '.join(_BACKENDS)}")
     if not path.exists():
         raise SlideReadError("no such file", path=path, hint="Check the path and spelling")
+    if not (path.is_file() or path.is_dir()):  # a pipe, device or socket would block or never end
+        raise SlideReadError(
+            "is not a regular file (a pipe, device or socket)",
+            path=path,
+            hint="Name a slide file, or a DICOM slide's folder",
+        )
     try:
         kind = _sniff(path) if backend == "auto" else backend
     except OSError as e:
