@@ -18,13 +18,20 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from .errors import TilscoreError, TilscoreWarning
+from .errors import ConfigError, TilscoreError, TilscoreWarning
 
 if TYPE_CHECKING:  # pragma: no cover
     from .review import Review
     from .score import SlideResult
 
-__all__ = ["COMPARTMENTS_FILE", "load_result", "load_review", "write_compartments"]
+__all__ = [
+    "COMPARTMENTS_FILE",
+    "edited_box",
+    "export_labels",
+    "load_result",
+    "load_review",
+    "write_compartments",
+]
 
 COMPARTMENTS_FILE = "compartments.geojson"
 _RESCORE = "Score the slide again with this tilscore (tilscore score SLIDE -o DIR) to review it"
@@ -239,3 +246,114 @@ def _cut_partial_line(path: Path) -> None:
     path.with_name(path.name + ".partial").write_bytes(data[keep:])
     with open(path, "r+b") as fh:
         fh.truncate(keep)
+
+
+# -- fine-tuning labels -------------------------------------------------------------------------
+
+
+def export_labels(
+    results: Any, folder: str | os.PathLike, *, reviewed_only: bool = True
+) -> dict[str, Any]:
+    """Write the corrected cells of reviewed results as fine-tuning labels.
+
+    One CSV per slide, ``<slide_id>.csv`` with columns ``x, y, positive, cell_class`` (level-0
+    px, the format ``tilscore finetune`` reads), and ``labels.json`` listing for each: the slide
+    file, its µm/px, the marker, the box that holds the review's edits (level-0 px) and the
+    review counts.
+
+    Parameters
+    ----------
+    results
+        Reviewed result folders, :class:`Review` objects or reviewed SlideResults (one or many).
+    reviewed_only
+        Refuse results with no edit (their labels would only repeat the detector).
+
+    Returns
+    -------
+    dict
+        The manifest written to ``labels.json``.
+    """
+    from .evaluate import to_jsonable
+    from .export import atomic_write
+    from .review import Review
+
+    items = results if isinstance(results, (list, tuple)) else [results]
+    folder = Path(folder)
+    entries = []
+    used: set[str] = set()
+    for item in items:
+        edited_box = None
+        if isinstance(item, Review):
+            res, edited_box = item.result(), item.edited_box()
+        elif isinstance(item, (str, os.PathLike)):
+            review = _load_review_or_none(item)
+            res = review.result() if review is not None else load_result(item)
+            edited_box = review.edited_box() if review is not None else None
+        else:
+            res = item
+        review_prov = res.provenance.get("review")
+        if reviewed_only and not (review_prov and review_prov.get("counts", {}).get("edits")):
+            raise ConfigError(
+                f"{res.slide_id}: the result has no review edits; its labels would only repeat "
+                "the detector",
+                hint="Review it in napari first, or pass reviewed_only=False",
+            )
+        name = res.slide_id
+        k = 1
+        while name in used:
+            k += 1
+            name = f"{res.slide_id}_{k}"
+        used.add(name)
+        cells = res.cells[["x", "y", "positive", "cell_class"]].copy()
+        cells["positive"] = cells["positive"].astype(bool)
+        atomic_write(folder / f"{name}.csv", lambda p, c=cells: c.to_csv(p, index=False))
+        entries.append(
+            {
+                "labels": f"{name}.csv",
+                "slide": res.path,
+                "slide_id": res.slide_id,
+                "mpp": float(res.mpp),
+                "dimensions": list(res.dimensions),
+                "marker": res.marker,
+                "n_cells": len(cells),
+                "edited_box_px": edited_box,
+                "review": (review_prov or {}).get("counts"),
+            }
+        )
+    manifest = {
+        "format": "tilscore labels 1",
+        "columns": ["x", "y", "positive", "cell_class"],
+        "units": "level-0 px",
+        "slides": entries,
+    }
+    atomic_write(
+        folder / "labels.json", lambda p: p.write_text(json.dumps(to_jsonable(manifest), indent=1))
+    )
+    return manifest
+
+
+def _load_review_or_none(folder: Any) -> Review | None:
+    if not (Path(folder) / "review.jsonl").exists():
+        return None
+    return load_review(folder)
+
+
+def edited_box(review: Review) -> list[float] | None:
+    """The level-0 box ``[x, y, width, height]`` around every edited cell (None: no cell edit)."""
+    xs: list[float] = []
+    ys: list[float] = []
+    for r in review.records:
+        if r.action not in ("add_cell", "delete", "set_positive", "set_class", "move"):
+            continue
+        for v in [*r.before, *r.after]:
+            if isinstance(v, dict) and "x" in v:
+                xs.append(float(v["x"]))
+                ys.append(float(v["y"]))
+        if r.ids:
+            sub = review._table[review._table["cell_id"].isin(list(r.ids))]
+            xs += sub["x"].astype(float).tolist()
+            ys += sub["y"].astype(float).tolist()
+    if not xs:
+        return None
+    x0, y0 = min(xs), min(ys)
+    return [x0, y0, max(xs) - x0, max(ys) - y0]

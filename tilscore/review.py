@@ -27,148 +27,51 @@ n, n+1, ... in the order they were added.
 from __future__ import annotations
 
 import contextlib
-import getpass
-import hashlib
 import json
 import os
-import time
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, TilscoreError, TilscoreWarning
+from .errors import TilscoreError, TilscoreWarning
+from .review_log import (
+    ACTIONS,
+    QUOTED,
+    REVIEW_FILE,
+    REVIEWED_CELLS,
+    REVIEWED_REGIONS,
+    REVIEWED_SUMMARY,
+    SCHEMA,
+    EditRecord,
+    ReviewError,
+    _json_default,
+    _jsonable,
+    _now,
+    cells_fingerprint,
+    default_user,
+    read_review_log,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .regions import RegionSet
     from .score import SlideResult
 
 __all__ = [
+    "ACTIONS",
     "REVIEW_FILE",
     "EditRecord",
     "Review",
     "ReviewError",
+    "apply_manual_calls",
     "cells_fingerprint",
     "default_user",
-    "export_labels",
     "read_review_log",
 ]
-
-#: The audit trail beside a result folder's files (append-only JSON lines).
-REVIEW_FILE = "review.jsonl"
-#: The reviewed per-compartment summary, cells and regions (rewritten at each save).
-REVIEWED_SUMMARY = "summary_reviewed.csv"
-REVIEWED_CELLS = "cells_reviewed.parquet"
-REVIEWED_REGIONS = "regions_reviewed.geojson"
-#: Version of the review.jsonl format; a newer one is refused with a clear message.
-SCHEMA = 1
-CELL_ACTIONS = ("add_cell", "delete", "set_positive", "set_class", "move")
-ACTIONS = (*CELL_ACTIONS, "edit_regions", "reclassify", "undo", "redo")
-#: Columns the review adds to the cells table.
-REVIEW_COLUMNS = ("cell_id", "added", "manual_positive")
-#: Summary columns quoted before / after review in run.json and the report.
-QUOTED = ("n_cells", "n_positive", "density_per_mm2", "pct_positive")
-
-
-class ReviewError(TilscoreError):
-    """A review edit or a review.jsonl cannot be applied (named file, line and fix)."""
-
-
-def default_user() -> str:
-    """The OS user name (``getpass.getuser``), or "unknown" where the OS gives none."""
-    try:
-        return getpass.getuser() or "unknown"
-    except Exception:  # no login name (containers without a passwd entry)
-        return "unknown"
-
-
-def cells_fingerprint(cells: pd.DataFrame) -> str:
-    """SHA-256 of the cells' x and y (float64): the identity of a scored table whatever its
-    positivity (a threshold change keeps it; a new detection changes it)."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(cells["x"].to_numpy(np.float64)).tobytes())
-    h.update(np.ascontiguousarray(cells["y"].to_numpy(np.float64)).tobytes())
-    return h.hexdigest()
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-@dataclass(frozen=True)
-class EditRecord:
-    """One line of the audit trail.
-
-    Attributes
-    ----------
-    seq
-        1, 2, ... in the order the edits were made.
-    time, user
-        When (ISO 8601, local time with offset) and who.
-    action
-        One of :data:`ACTIONS`.
-    ids
-        The cell ids concerned (empty for region and rule records).
-    before, after
-        Per id, the cell's values before and after (None: the cell did not exist / was deleted);
-        for ``edit_regions`` the regions as GeoJSON; for ``reclassify`` the marker rule values.
-    ref
-        For undo / redo: the ``seq`` of the edit taken back or put back.
-    """
-
-    seq: int
-    time: str
-    user: str
-    action: str
-    ids: tuple[int, ...] = ()
-    before: Any = None
-    after: Any = None
-    ref: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {
-            "type": "edit",
-            "seq": self.seq,
-            "time": self.time,
-            "user": self.user,
-            "action": self.action,
-            "ids": list(self.ids),
-            "before": self.before,
-            "after": self.after,
-        }
-        if self.ref is not None:
-            out["ref"] = self.ref
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "") -> EditRecord:
-        """A record from its JSON form; :class:`ReviewError` naming ``where`` when malformed."""
-        if not isinstance(data, dict) or data.get("type") != "edit":
-            raise ReviewError(f"{where}not an edit record")
-        try:
-            seq = int(data["seq"])
-            action = str(data["action"])
-            ids = tuple(int(i) for i in data.get("ids") or ())
-            user = str(data["user"])
-            stamp = str(data["time"])
-            ref = None if data.get("ref") is None else int(data["ref"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ReviewError(f"{where}missing or malformed field ({exc})") from None
-        if action not in ACTIONS:
-            raise ReviewError(f"{where}unknown action {action!r}", hint=f"one of {ACTIONS}")
-        before, after = data.get("before"), data.get("after")
-        if action in CELL_ACTIONS:
-            if not (isinstance(before, list) and isinstance(after, list)):
-                raise ReviewError(f"{where}before/after must be lists, one value per cell id")
-            if not (len(before) == len(after) == len(ids)):
-                raise ReviewError(f"{where}{len(ids)} ids but {len(before)}/{len(after)} values")
-        if action in ("undo", "redo") and ref is None:
-            raise ReviewError(f"{where}{action} without 'ref'")
-        return cls(seq, stamp, user, action, ids, before, after, ref)
 
 
 def apply_manual_calls(cells: pd.DataFrame, rule: Any, keep: bool = True) -> pd.DataFrame:
@@ -204,15 +107,6 @@ def apply_manual_calls(cells: pd.DataFrame, rule: Any, keep: bool = True) -> pd.
 
 
 # -- the review ---------------------------------------------------------------------------------
-
-
-@dataclass
-class _Step:
-    """What applying a record does: cell values to set and/or regions to use."""
-
-    ids: tuple[int, ...] = ()
-    values: list[Any] = field(default_factory=list)
-    regions: Any = None  # GeoJSON of the regions, or None (unchanged)
 
 
 class Review:
@@ -725,7 +619,9 @@ class Review:
 
     def edited_box(self) -> list[float] | None:
         """Level-0 box ``[x, y, width, height]`` around every edited cell (None: no cell edit)."""
-        return _edited_box(self)
+        from .results import edited_box
+
+        return edited_box(self)
 
     def _base_positive(self) -> np.ndarray:
         """Positivity of the scored cells under the current rule, without manual calls."""
@@ -936,181 +832,3 @@ class Review:
             folder / "report.html", lambda p: p.write_text(text, encoding="utf-8")
         )
         return files
-
-
-def _json_default(v: Any) -> Any:
-    if isinstance(v, np.generic):
-        return v.item()
-    raise TypeError(f"not JSON: {type(v).__name__}")
-
-
-def _jsonable(v: Any) -> Any:
-    from .evaluate import to_jsonable
-
-    return to_jsonable(v)
-
-
-def read_review_log(path: str | os.PathLike) -> tuple[dict[str, Any], list[EditRecord]]:
-    """The header and edit records of a review.jsonl, checked line by line.
-
-    A last line cut short (a crash while writing) is left out with a warning; any other bad
-    line is an error naming the line.
-
-    Raises
-    ------
-    ReviewError
-        Unreadable file, not JSON, no header, a newer format, a malformed record.
-    """
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ReviewError(f"cannot read the review log: {exc}", path=path) from None
-    lines = text.split("\n")
-    complete = text.endswith("\n")
-    if complete:
-        lines = lines[:-1]
-    hint = "The audit trail was edited by hand or damaged; restore it from a backup"
-    parsed = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            parsed.append((n, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            if n == len(lines) and not complete:
-                warnings.warn(
-                    f"{path}: line {n} was cut short (a crash while writing?) and is left out",
-                    TilscoreWarning,
-                    stacklevel=2,
-                )
-                continue
-            raise ReviewError(f"line {n} is not JSON ({exc.msg})", path=path, hint=hint) from None
-    if not parsed:
-        raise ReviewError("the review log is empty", path=path, hint=hint)
-    n0, header = parsed[0]
-    if not isinstance(header, dict) or header.get("type") != "review":
-        raise ReviewError(f"line {n0} is not a review header", path=path, hint=hint)
-    schema = header.get("schema")
-    if not isinstance(schema, int) or schema > SCHEMA:
-        raise ReviewError(
-            f"review format {schema!r} is newer than this tilscore reads ({SCHEMA})",
-            path=path,
-            hint="Update tilscore to open this review",
-        )
-    records = []
-    for n, data in parsed[1:]:
-        records.append(EditRecord.from_dict(data, where=f"{path}: line {n}: "))
-    return header, records
-
-
-# -- fine-tuning labels -------------------------------------------------------------------------
-
-
-def export_labels(
-    results: Any, folder: str | os.PathLike, *, reviewed_only: bool = True
-) -> dict[str, Any]:
-    """Write the corrected cells of reviewed results as fine-tuning labels.
-
-    One CSV per slide, ``<slide_id>.csv`` with columns ``x, y, positive, cell_class`` (level-0
-    px, the format ``tilscore finetune`` reads), and ``labels.json`` listing for each: the slide
-    file, its µm/px, the marker, the box that holds the review's edits (level-0 px) and the
-    review counts.
-
-    Parameters
-    ----------
-    results
-        Reviewed result folders, :class:`Review` objects or reviewed SlideResults (one or many).
-    reviewed_only
-        Refuse results with no edit (their labels would only repeat the detector).
-
-    Returns
-    -------
-    dict
-        The manifest written to ``labels.json``.
-    """
-    from .export import atomic_write
-    from .results import load_result
-
-    items = results if isinstance(results, (list, tuple)) else [results]
-    folder = Path(folder)
-    entries = []
-    used: set[str] = set()
-    for item in items:
-        edited_box = None
-        if isinstance(item, Review):
-            res, edited_box = item.result(), item.edited_box()
-        elif isinstance(item, (str, os.PathLike)):
-            review = _load_review_or_none(item)
-            res = review.result() if review is not None else load_result(item)
-            edited_box = review.edited_box() if review is not None else None
-        else:
-            res = item
-        review_prov = res.provenance.get("review")
-        if reviewed_only and not (review_prov and review_prov.get("counts", {}).get("edits")):
-            raise ConfigError(
-                f"{res.slide_id}: the result has no review edits; its labels would only repeat "
-                "the detector",
-                hint="Review it in napari first, or pass reviewed_only=False",
-            )
-        name = res.slide_id
-        k = 1
-        while name in used:
-            k += 1
-            name = f"{res.slide_id}_{k}"
-        used.add(name)
-        cells = res.cells[["x", "y", "positive", "cell_class"]].copy()
-        cells["positive"] = cells["positive"].astype(bool)
-        atomic_write(folder / f"{name}.csv", lambda p, c=cells: c.to_csv(p, index=False))
-        entries.append(
-            {
-                "labels": f"{name}.csv",
-                "slide": res.path,
-                "slide_id": res.slide_id,
-                "mpp": float(res.mpp),
-                "dimensions": list(res.dimensions),
-                "marker": res.marker,
-                "n_cells": len(cells),
-                "edited_box_px": edited_box,
-                "review": (review_prov or {}).get("counts"),
-            }
-        )
-    manifest = {
-        "format": "tilscore labels 1",
-        "columns": ["x", "y", "positive", "cell_class"],
-        "units": "level-0 px",
-        "slides": entries,
-    }
-    atomic_write(
-        folder / "labels.json", lambda p: p.write_text(json.dumps(_jsonable(manifest), indent=1))
-    )
-    return manifest
-
-
-def _load_review_or_none(folder: Any) -> Review | None:
-    from .results import load_review
-
-    if not (Path(folder) / REVIEW_FILE).exists():
-        return None
-    return load_review(folder)
-
-
-def _edited_box(review: Review) -> list[float] | None:
-    """The level-0 box ``[x, y, width, height]`` around every edited cell (None: no cell edit)."""
-    xs: list[float] = []
-    ys: list[float] = []
-    for r in review.records:
-        if r.action not in CELL_ACTIONS:
-            continue
-        for v in [*r.before, *r.after]:
-            if isinstance(v, dict) and "x" in v:
-                xs.append(float(v["x"]))
-                ys.append(float(v["y"]))
-        if r.ids:
-            sub = review._table[review._table["cell_id"].isin(list(r.ids))]
-            xs += sub["x"].astype(float).tolist()
-            ys += sub["y"].astype(float).tolist()
-    if not xs:
-        return None
-    x0, y0 = min(xs), min(ys)
-    return [x0, y0, max(xs) - x0, max(ys) - y0]
