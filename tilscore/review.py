@@ -424,16 +424,14 @@ class Review:
         if action == "reclassify":
             return  # the rule is run.json's; the record is the audit of the change
         if action == "edit_regions":
-            self._set_regions_geojson(rec.after, rec.before if check else None)
+            self._set_regions_geojson(rec.after)
             return
         self._set_cells(rec.ids, rec.before, rec.after, check)
 
-    def _set_regions_geojson(self, after: Any, before: Any) -> None:
+    def _set_regions_geojson(self, after: Any) -> None:
         from .regions import RegionSet, build_compartments
 
         try:
-            if before is not None and before != self.regions.to_geojson():
-                raise ReviewError("the regions before this edit are not the result's regions")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", TilscoreWarning)
                 regions = (
@@ -470,29 +468,29 @@ class Review:
         where_rows: list[int] = []
         class_rows: list[int] = []
         for cid, b, a in zip(ids, before, after):
-            if b is None:  # an added cell (again, on redo)
-                if cid < self.n_scored:
-                    raise ReviewError(f"cell {cid} added, but it is a scored cell")
+            if b is None:  # a cell comes (back): added, or a deletion undone
                 if not isinstance(a, dict) or not {"x", "y", "positive", "cell_class"} <= set(a):
-                    raise ReviewError(f"added cell {cid} lacks x, y, positive or cell_class")
+                    raise ReviewError(f"cell {cid} comes back without x, y, positive, cell_class")
                 if str(a["cell_class"]) not in CELL_CLASSES:
-                    raise ReviewError(f"added cell {cid} has unknown class {a['cell_class']!r}")
+                    raise ReviewError(f"cell {cid} has unknown class {a['cell_class']!r}")
                 all_ids = t["cell_id"].to_numpy()
-                if cid in all_ids:
-                    row = int(np.flatnonzero(all_ids == cid)[0])
-                    if check and not self._deleted[row]:
-                        raise ReviewError(f"cell {cid} is added twice")
-                    self._deleted[row] = False
-                else:
-                    if check and cid != self._next_id:
+                hit = np.flatnonzero(all_ids == cid)
+                if hit.size == 0:
+                    if cid < self.n_scored or (check and cid != self._next_id):
                         raise ReviewError(f"added cell id {cid}, expected {self._next_id}")
                     t = self._append_row(cid, a)
                     self._next_id = max(self._next_id, cid + 1)
                     row = len(t) - 1
-                where_rows.append(row)
-                class_rows.append(row)
-                continue
-            row = int(self._rows([cid])[0])
+                    where_rows.append(row)
+                    class_rows.append(row)
+                    continue
+                row = int(hit[0])
+                if check and not self._deleted[row]:
+                    raise ReviewError(f"cell {cid} comes back, but it is not deleted")
+                self._deleted[row] = False
+                b = {}
+            else:
+                row = int(self._rows([cid])[0])
             if check:
                 cur = self._cell_values(row)
                 for k, v in b.items():
