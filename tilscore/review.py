@@ -41,6 +41,7 @@ import pandas as pd
 from .errors import TilscoreError, TilscoreWarning
 from .review_log import (
     ACTIONS,
+    CELL_ACTIONS,
     QUOTED,
     REVIEW_FILE,
     REVIEWED_CELLS,
@@ -614,6 +615,10 @@ class Review:
             "edits": len(self.records),
             "undone": len(undone - redone),
         }
+
+    def edited_ids(self) -> set[int]:
+        """Ids of the cells any cell edit touched (undone ones included)."""
+        return {i for r in self.records if r.action in CELL_ACTIONS for i in r.ids}
 
     def edited_box(self) -> list[float] | None:
         """Level-0 box ``[x, y, width, height]`` around every edited cell (None: no cell edit)."""
