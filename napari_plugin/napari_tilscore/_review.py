@@ -53,6 +53,7 @@ class ReviewBox(QGroupBox):
         self._syncing = False  # True while the plugin itself sets layer data
         self._cells_layer: Any = None
         self._region_layers: list[Any] = []
+        self._watching_inserts = False
         self._ft_worker: Any = None
         form = QFormLayout(self)
         self.user_edit = QLineEdit(default_user())
@@ -151,11 +152,13 @@ class ReviewBox(QGroupBox):
         for ly in self._region_layers:
             ly.events.data.disconnect(self._on_regions_data)
         self._region_layers = []
+        from ._widget import DRAW_CLASSES
+
         review = self.review
         self._syncing = True
         try:
             shapes = review.regions.to_shapes()
-            for cls in set(shapes) | set(self.owner.region_layers()):
+            for cls in set(shapes) | set(self.owner.region_layers()) | set(DRAW_CLASSES):
                 layer = self.owner._region_layer(cls)
                 layer.data = []
                 if shapes.get(cls):
@@ -165,6 +168,20 @@ class ReviewBox(QGroupBox):
             self._syncing = False
         for ly in self._region_layers:
             ly.events.data.connect(self._on_regions_data)
+        if not self._watching_inserts:
+            self.owner.viewer.layers.events.inserted.connect(self._on_layer_inserted)
+            self._watching_inserts = True
+
+    def _on_layer_inserted(self, event: Any) -> None:
+        """A region layer made later (a GeoJSON loaded, a class added) is watched too."""
+        layer = event.value
+        if self.review is None or layer in self._region_layers:
+            return
+        if layer in self.owner.region_layers().values():
+            self._region_layers.append(layer)
+            layer.events.data.connect(self._on_regions_data)
+            if len(layer.data):
+                self.apply_regions()
 
     def _busy(self) -> bool:
         """A scoring run is in flight: edits wait (a notification says so)."""
