@@ -778,6 +778,20 @@ class Review:
                 "the cells it was made on",
             )
 
+    def _holds_base(self, folder: Path) -> bool:
+        """Whether ``folder`` already holds the scored outputs of these cells at this rule."""
+        try:
+            run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+            xy = pd.read_parquet(folder / "cells.parquet", columns=["x", "y"])
+        except Exception:  # missing or unreadable: write them
+            return False
+        return (
+            (folder / "compartments.geojson").is_file()
+            and run.get("detection", {}).get("marker") == self.rule.to_dict()
+            and len(xy) == self.n_scored
+            and cells_fingerprint(xy) == self.fingerprint
+        )
+
     def replay(self, records: Sequence[EditRecord], path: str | os.PathLike = "") -> None:
         """Apply records read from a log (each checked against the state it applies to)."""
         for i, rec in enumerate(records):
@@ -809,7 +823,10 @@ class Review:
         from .results import write_compartments
 
         folder = Path(folder)
-        base_files = self.base_result().save(folder, config)
+        if self._holds_base(folder):  # opened from this folder: its scored files stay as written
+            base_files = {"summary": folder / "summary.csv", "cells": folder / "cells.parquet"}
+        else:
+            base_files = self.base_result().save(folder, config)
         if self.folder is None or self.folder.resolve() != folder.resolve():
             self.attach(folder)
         else:

@@ -378,7 +378,7 @@ class ReviewBox(QGroupBox):
                 hint="Export… the result first: its review.jsonl keeps every edit",
             )
         user = self.user_edit.text().strip() or None
-        review = load_review(folder, user=user, thumbnail=False)
+        review = load_review(folder, user=user)
         path = review.base.path
         layer = None
         for ly in self.owner._slide_layers():
