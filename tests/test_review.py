@@ -414,3 +414,22 @@ def test_batch_and_cohort_use_the_reviewed_summary(scored, tmp_path):
     stroma = cohort[cohort["compartment"] == "stromal"].set_index("slide_id")["n_positive"]
     assert stroma["s2"] == stroma["s1"] + 2
     assert set(cohort["summary_from"]) == {"scored", "reviewed"}
+
+
+def test_an_unwritable_log_keeps_the_edit_pending_and_writes_it_later(scored, tmp_path):
+    log = _saved(scored, tmp_path)
+    review = load_review(tmp_path)
+    text = log.read_text()
+    log.rename(tmp_path / "moved.jsonl")
+    log.mkdir()  # review.jsonl is now a folder: appending fails
+    with pytest.raises(ReviewError, match="could not be written to the audit trail"):
+        review.set_positive([20])
+    assert review.records[-1].action == "set_positive"  # applied and kept in memory
+    assert review.pending == 1
+    log.rmdir()
+    (tmp_path / "moved.jsonl").rename(log)
+    review.set_positive([21])  # both pending edits are written now, in order
+    assert review.pending == 0
+    _, records = read_review_log(log)
+    assert [r.seq for r in records] == [1, 2, 3, 4, 5]
+    assert log.read_text().startswith(text)

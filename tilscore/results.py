@@ -233,15 +233,21 @@ def load_review(
         header, records = read_review_log(path)
         review._check_header(header, path)
         review.replay(records, path)
-        _cut_partial_line(path)
+        cut_partial_line(path)
     review.attach(folder)
     return review
 
 
-def _cut_partial_line(path: Path) -> None:
+def cut_partial_line(path: Path) -> None:
+    """Move a last line cut short (no newline at the end) to ``<name>.partial``."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        if fh.tell() == 0:
+            return
+        fh.seek(-1, os.SEEK_END)
+        if fh.read(1) == b"\n":
+            return  # the usual case: one byte read
     data = path.read_bytes()
-    if not data or data.endswith(b"\n"):
-        return
     keep = data.rfind(b"\n") + 1
     path.with_name(path.name + ".partial").write_bytes(data[keep:])
     with open(path, "r+b") as fh:

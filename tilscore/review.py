@@ -749,21 +749,46 @@ class Review:
         self._flush()
 
     def _flush(self) -> None:
+        """Append the records not yet in ``folder/review.jsonl`` (the header first on a new
+        file), flushed to disk. A failure leaves them pending for the next edit or save.
+
+        Raises
+        ------
+        ReviewError
+            The log cannot be written (disk full, no permission...): the edit is applied and
+            kept in memory, not yet on disk.
+        """
+        from .results import cut_partial_line
+
         path = self.folder / REVIEW_FILE
-        lines = []
-        if self._written < 0:
-            lines.append(json.dumps(self.header()))
-            self._written = 0
-        lines += [
-            json.dumps(r.to_dict(), default=_json_default) for r in self.records[self._written :]
-        ]
+        header = self._written < 0
+        done = max(self._written, 0)
+        lines = [json.dumps(self.header())] if header else []
+        lines += [json.dumps(r.to_dict(), default=_json_default) for r in self.records[done:]]
         if not lines:
             return
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write("".join(line + "\n" for line in lines))
-            fh.flush()
-            os.fsync(fh.fileno())
+        try:
+            if path.is_file():
+                cut_partial_line(path)  # a line cut short by an earlier failure stays apart
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("".join(line + "\n" for line in lines))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise ReviewError(
+                f"the edit is applied but could not be written to the audit trail ({exc})",
+                path=path,
+                hint="Free disk space or fix the folder's permissions; pending edits are written "
+                "with the next edit, or Export… to another folder",
+            ) from None
         self._written = len(self.records)
+
+    @property
+    def pending(self) -> int:
+        """Edits in no folder's review.jsonl yet (all of them when no folder is attached)."""
+        if self.folder is None:
+            return len(self.records)
+        return len(self.records) - max(self._written, 0)
 
     def _check_header(self, header: dict[str, Any], path: Path) -> None:
         if (

@@ -203,9 +203,10 @@ class ReviewBox(QGroupBox):
     def _edit(self, func: Any, *args: Any) -> Any:
         if self.review is None or self._busy():
             return None
-        out = func(*args)
-        self.refresh(full=False)
-        return out
+        try:
+            return func(*args)
+        finally:  # an edit applied but not written (disk full) is still shown
+            self.refresh(full=False)
 
     @_notify_errors
     def set_positive(self, positive: bool | None) -> None:

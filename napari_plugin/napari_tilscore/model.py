@@ -615,7 +615,4 @@ class ScoringSession:
 
     def unsaved_edits(self) -> int:
         """Edits of the review that are in no folder's review.jsonl yet (lost if replaced)."""
-        rv = self.review
-        if rv is None or not rv.records:
-            return 0
-        return len(rv.records) if rv.folder is None else 0
+        return 0 if self.review is None else int(self.review.pending)
