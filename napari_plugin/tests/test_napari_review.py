@@ -159,20 +159,71 @@ def test_clicks_and_keys_on_the_points_layer_edit_and_recount(reviewing, qtbot):
     assert "1 added" in widget.review_box.counts_label.text()
 
 
+def _drag(qtbot, viewer, start_px, end_px):
+    """A left-button drag on the canvas (Qt mouse events with the button held while moving)."""
+    from qtpy.QtCore import QEvent, QPoint, QPointF, Qt
+    from qtpy.QtGui import QMouseEvent
+    from qtpy.QtWidgets import QApplication
+
+    native = viewer.window._qt_viewer.canvas.native
+    a, b = _screen(viewer, *start_px), _screen(viewer, *end_px)
+    left, none = Qt.MouseButton.LeftButton, Qt.MouseButton.NoButton
+
+    def send(kind, pos, button, buttons):
+        event = QMouseEvent(
+            kind,
+            QPointF(pos),
+            QPointF(native.mapToGlobal(pos)),
+            button,
+            buttons,
+            Qt.KeyboardModifier.NoModifier,
+        )
+        QApplication.sendEvent(native, event)
+
+    send(QEvent.Type.MouseMove, a, none, none)
+    send(QEvent.Type.MouseButtonPress, a, left, left)
+    qtbot.wait(10)
+    for t in np.linspace(0, 1, 8)[1:]:
+        p = QPoint(round(a.x() + (b.x() - a.x()) * t), round(a.y() + (b.y() - a.y()) * t))
+        send(QEvent.Type.MouseMove, p, none, left)
+        qtbot.wait(10)
+    send(QEvent.Type.MouseButtonRelease, b, left, none)
+    qtbot.wait(30)
+
+
 def test_box_selection_edits_many_cells_together(reviewing, qtbot):
+    from qtpy.QtCore import Qt
+
     viewer, widget = reviewing
     layer = _cells(viewer)
     review = widget.session.review
     viewer.layers.selection.active = layer
     layer.mode = "select"
-    many = np.flatnonzero(~review.cells["positive"].to_numpy())[:12]
-    layer.selected_data = set(many.tolist())  # what a drag-box selection leaves
-    widget.review_box.set_positive(True)
-    assert len(review.records[-1].ids) == 12
-    assert review.cells["positive"].to_numpy()[many].all()
-    layer.selected_data = set(many.tolist())
+    cells = review.cells
+    x, y = cells["x"].to_numpy(), cells["y"].to_numpy()
+    # a drag from empty tissue over a 120 x 120 px square selects the cells inside it
+    x0, y0 = 1700.0, 1500.0
+    while np.hypot(x - x0, y - y0).min() < 12:
+        x0 += 5
+    x1, y1 = x0 + 120, y0 + 120
+    inside = np.flatnonzero((x > x0) & (x < x1) & (y > y0) & (y < y1))
+    assert len(inside) >= 3
+    _drag(qtbot, viewer, (x0, y0), (x1, y1))
+    chosen = np.array(sorted(layer.selected_data))
+    assert set(inside.tolist()) <= set(chosen.tolist())
+    near = (x > x0 - 10) & (x < x1 + 10) & (y > y0 - 10) & (y < y1 + 10)  # screen px rounding
+    assert near[chosen].all()
+    inside = chosen
+    before = review.cells["positive"].to_numpy()[inside]
+    heat_before = float(widget._result_layers["heatmap"].data.sum())
+    _key(qtbot, viewer, Qt.Key.Key_F)  # flip them all: one edit
+    assert len(review.records[-1].ids) == len(inside)
+    assert (review.cells["positive"].to_numpy()[inside] == ~before).all()
+    heat = float(widget._result_layers["heatmap"].data.sum())
+    assert heat != heat_before  # the density heatmap follows
+    layer.selected_data = set(inside.tolist())
     widget.review_box.delete_selected()
-    assert review.counts()["removed"] == 12
+    assert review.counts()["removed"] == len(inside)
     assert len(layer.data) == len(review.cells)
 
 
