@@ -304,15 +304,13 @@ class ReviewBox(QGroupBox):
     @_notify_errors
     def apply_regions(self) -> None:
         """Use the region layers' polygons as the review's regions; compartments follow."""
-        from tilscore.regions import RegionSet
-
         if self.review is None:
             return
         if self._busy():
             self._fill_region_layers()
             return
-        regions = self.owner.regions() or RegionSet([], "reviewed")
-        self.review.set_regions(regions)
+        layers = {cls: self.owner._layer_px(ly) for cls, ly in self.owner.region_layers().items()}
+        self.review.set_regions(model.merge_region_edits(self.review.regions, layers))
         self.refresh(full=False)
 
     # ------------------------------------------------------------------------------ views ---

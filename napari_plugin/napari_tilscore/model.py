@@ -409,6 +409,50 @@ def points_changes(
     return deleted, layer_xy[new], (moved_ids, np.asarray(moved_xy, float).reshape(-1, 2))
 
 
+def merge_region_edits(
+    current: Any, layers: Mapping[str, tuple[Sequence[np.ndarray], Sequence[str]]]
+) -> Any:
+    """The review's regions with the classes whose Shapes layer was edited replaced.
+
+    A napari polygon has no holes, so a class whose layer still shows exactly its regions'
+    outlines keeps its regions as they are (holes included); an edited class is read from its
+    layer (:func:`regions_from_shapes`). Classes without a layer are kept.
+
+    Parameters
+    ----------
+    current
+        The review's :class:`tilscore.regions.RegionSet`.
+    layers
+        Region class -> ``(data, shape_types)`` of its Shapes layer ((y, x) level-0 px).
+    """
+    from tilscore.regions import RegionSet
+
+    shown = current.to_shapes()
+    kept = []
+    for region in current:
+        data = layers.get(region.cls)
+        if data is None or _same_shapes(shown.get(region.cls, []), data[0]):
+            kept.append(region)
+    edited = {
+        cls: data
+        for cls, data in layers.items()
+        if not _same_shapes(shown.get(cls, []), data[0])
+    }
+    new = regions_from_shapes(edited) if edited else None
+    return RegionSet([*kept, *(new or [])], "reviewed")
+
+
+def _same_shapes(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
+    if len(a) != len(b):
+        return False
+    for p, q in zip(a, b):
+        p = np.asarray(p, float)[:, -2:]
+        q = np.asarray(q, float)[:, -2:]
+        if p.shape != q.shape or not np.allclose(p, q, atol=1e-3):
+            return False
+    return True
+
+
 def counts_text(review: Any) -> str:
     """One line for the dock: the review's edits and what they changed."""
     if review is None or not review.records:
