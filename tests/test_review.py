@@ -221,6 +221,7 @@ def test_reclassify_keeps_manual_calls_unless_asked(scored, tmp_path):
     strict = result.reclassify(threshold_od=5.0)  # no cell reaches it
     assert strict.cells["positive"].sum() == 1  # only the manual call
     assert bool(strict.cells.set_index("cell_id").loc[neg, "positive"])
+    assert strict.provenance["review"]["summary_after"]["tissue"]["n_positive"] == 1
     dropped = result.reclassify(keep_manual=False, threshold_od=5.0)
     assert dropped.cells["positive"].sum() == 0
     # the same in the live review: the threshold moves, the manual call stays, and it is audited

@@ -247,6 +247,13 @@ class SlideResult:
         )
         prov = json.loads(json.dumps(self.provenance))
         prov["detection"]["marker"] = rule.to_dict()
+        if prov.get("review"):  # the reviewed score as it now stands
+            from .review_log import QUOTED
+
+            prov["review"]["summary_after"] = {
+                str(r["compartment"]): to_jsonable({k: r[k] for k in QUOTED})
+                for r in summary.to_dict("records")
+            }
         prov.setdefault("reclassified", []).append(
             {"overrides": to_jsonable(overrides), "time": _now()}
         )
