@@ -144,6 +144,10 @@ class ReviewBox(QGroupBox):
             ):
                 layer.bind_key(key, func, overwrite=True)
         self._fill_region_layers()
+        layers = self.owner.viewer.layers
+        if layer is not None and layer in layers:  # the cells over the region fills
+            layers.move(layers.index(layer), len(layers))
+            layers.selection.active = layer
         self.setEnabled(True)
         self.refresh(full=True)
 
@@ -445,7 +449,6 @@ class ReviewBox(QGroupBox):
         (progress in the dock, *Cancel* stops it); None with a notification where this
         tilscore has no fine-tuning (:func:`napari_tilscore.model.finetune_function`)."""
         from napari.qt.threading import create_worker
-        from napari.utils.notifications import show_info
 
         from tilscore.errors import TilscoreError
 
@@ -463,12 +466,7 @@ class ReviewBox(QGroupBox):
             model.finetune_corrections, [self.review], labels_dir, model_dir, _start_thread=False
         )
         worker.yielded.connect(self.owner._on_progress_text)
-        worker.returned.connect(
-            lambda out: show_info(
-                f"tilscore: fine-tuned model written to {model_dir}; choose it in the config "
-                "([detect] model) and Score again to rescore with it"
-            )
-        )
+        worker.returned.connect(lambda out: self._use_model(out or model_dir))
         worker.errored.connect(_show_exception)
         worker.finished.connect(self._ft_finished)
         self._ft_worker = worker
@@ -476,6 +474,27 @@ class ReviewBox(QGroupBox):
         self.owner._cancel_extra = worker.quit
         worker.start()
         return worker
+
+    def _use_model(self, model_path: Any) -> None:
+        """Offer the fine-tuned model: the next *Score* uses it (``[detect] model``)."""
+        from napari.utils.notifications import show_info
+
+        from tilscore.config import Config, load_config
+        from tilscore.errors import TilscoreError
+
+        values = load_config(self.owner.config).to_dict()
+        values.setdefault("detect", {})["model"] = str(model_path)
+        try:
+            self.owner.config = Config.from_dict(values, source="fine-tuned model")
+        except TilscoreError as e:  # this tilscore cannot load a model from a path
+            show_info(f"tilscore: fine-tuned model written to {model_path} ({e.reason})")
+            return
+        self.owner.detector_combo.setCurrentText("cnn")
+        self.owner.config_label.setText(f"fine-tuned: {Path(str(model_path)).name}")
+        show_info(
+            f"tilscore: fine-tuned model {model_path} is selected; Score again to rescore "
+            "the slide with it"
+        )
 
     def _ft_finished(self) -> None:
         self._ft_worker = None

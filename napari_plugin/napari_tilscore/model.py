@@ -434,9 +434,7 @@ def merge_region_edits(
         if data is None or _same_shapes(shown.get(region.cls, []), data[0]):
             kept.append(region)
     edited = {
-        cls: data
-        for cls, data in layers.items()
-        if not _same_shapes(shown.get(cls, []), data[0])
+        cls: data for cls, data in layers.items() if not _same_shapes(shown.get(cls, []), data[0])
     }
     new = regions_from_shapes(edited) if edited else None
     return RegionSet([*kept, *(new or [])], "reviewed")

@@ -396,6 +396,7 @@ def test_finetune_runs_in_a_worker_with_progress(reviewing, monkeypatch, tmp_pat
     from napari_tilscore import model
 
     _, widget = reviewing
+    seen = _notifications(monkeypatch)
     calls = []
 
     def fake_finetune(labels, out):
@@ -412,6 +413,7 @@ def test_finetune_runs_in_a_worker_with_progress(reviewing, monkeypatch, tmp_pat
     qtbot.waitUntil(lambda: widget.review_box._ft_worker is None, timeout=10_000)
     assert calls == [(tmp_path / "labels" / "labels.json", tmp_path / "model")]
     assert widget.status_label.text() == "finetune: 3/3"
+    assert any("fine-tuned model" in m for m in seen["info"])  # offered for the next Score
 
 
 def test_screenshot_of_a_reviewed_slide(reviewing, qtbot, tmp_path):
