@@ -30,6 +30,7 @@ __all__ = [
     "export_labels",
     "load_result",
     "load_review",
+    "save_review",
     "write_compartments",
 ]
 
@@ -363,3 +364,57 @@ def edited_box(review: Review) -> list[float] | None:
         return None
     x0, y0 = min(xs), min(ys)
     return [x0, y0, max(xs) - x0, max(ys) - y0]
+
+
+def save_review(review: Review, folder: str | os.PathLike, config: Any = None) -> dict[str, Path]:
+    """:meth:`tilscore.review.Review.save`: the scored outputs (unless ``folder`` holds them),
+    the audit trail and the reviewed outputs."""
+    from .evaluate import to_jsonable
+    from .export import atomic_write, write_cells
+    from .review_log import REVIEW_FILE, REVIEWED_CELLS, REVIEWED_REGIONS, REVIEWED_SUMMARY
+
+    folder = Path(folder)
+    if _holds_base(review, folder):  # opened from this folder: its scored files stay as written
+        base_files = {"summary": folder / "summary.csv", "cells": folder / "cells.parquet"}
+    else:
+        base_files = review.base_result().save(folder, config)
+    if review.folder is None or review.folder.resolve() != folder.resolve():
+        review.attach(folder)
+    else:
+        review._flush()
+    files = dict(base_files)
+    files["review"] = folder / REVIEW_FILE
+    if not review.records:
+        return files
+    reviewed = review.result()
+    files["summary_reviewed"] = atomic_write(
+        folder / REVIEWED_SUMMARY, lambda p: reviewed.summary.to_csv(p, index=False)
+    )
+    files["cells_reviewed"] = write_cells(reviewed.cells, folder / REVIEWED_CELLS)
+    if review.regions is not review.base.regions:
+        files["regions_reviewed"] = reviewed.compartment_regions().save(folder / REVIEWED_REGIONS)
+        write_compartments(reviewed, folder / "compartments_reviewed.geojson")
+    prov = json.dumps(to_jsonable(reviewed.provenance), indent=1)
+    files["run"] = atomic_write(folder / "run.json", lambda p: p.write_text(prov))
+    text = reviewed.to_html()
+    files["report"] = atomic_write(
+        folder / "report.html", lambda p: p.write_text(text, encoding="utf-8")
+    )
+    return files
+
+
+def _holds_base(review: Review, folder: Path) -> bool:
+    """Whether ``folder`` already holds the scored outputs of these cells at this rule."""
+    from .review_log import cells_fingerprint
+
+    try:
+        run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        xy = pd.read_parquet(folder / "cells.parquet", columns=["x", "y"])
+    except Exception:  # missing or unreadable: write them
+        return False
+    return (
+        (folder / "compartments.geojson").is_file()
+        and run.get("detection", {}).get("marker") == review.rule.to_dict()
+        and len(xy) == review.n_scored
+        and cells_fingerprint(xy) == review.fingerprint
+    )

@@ -44,14 +44,10 @@ from .review_log import (
     CELL_ACTIONS,
     QUOTED,
     REVIEW_FILE,
-    REVIEWED_CELLS,
-    REVIEWED_REGIONS,
-    REVIEWED_SUMMARY,
     SCHEMA,
     EditRecord,
     ReviewError,
     _json_default,
-    _jsonable,
     _now,
     cells_fingerprint,
     default_user,
@@ -803,20 +799,6 @@ class Review:
                 "the cells it was made on",
             )
 
-    def _holds_base(self, folder: Path) -> bool:
-        """Whether ``folder`` already holds the scored outputs of these cells at this rule."""
-        try:
-            run = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-            xy = pd.read_parquet(folder / "cells.parquet", columns=["x", "y"])
-        except Exception:  # missing or unreadable: write them
-            return False
-        return (
-            (folder / "compartments.geojson").is_file()
-            and run.get("detection", {}).get("marker") == self.rule.to_dict()
-            and len(xy) == self.n_scored
-            and cells_fingerprint(xy) == self.fingerprint
-        )
-
     def replay(self, records: Sequence[EditRecord], path: str | os.PathLike = "") -> None:
         """Apply records read from a log (each checked against the state it applies to)."""
         for i, rec in enumerate(records):
@@ -844,36 +826,6 @@ class Review:
         (and ``regions_reviewed.geojson`` after region edits) the reviewed state; run.json and
         report.html say what the review changed (counts, score before and after).
         """
-        from .export import atomic_write, write_cells
-        from .results import write_compartments
+        from .results import save_review
 
-        folder = Path(folder)
-        if self._holds_base(folder):  # opened from this folder: its scored files stay as written
-            base_files = {"summary": folder / "summary.csv", "cells": folder / "cells.parquet"}
-        else:
-            base_files = self.base_result().save(folder, config)
-        if self.folder is None or self.folder.resolve() != folder.resolve():
-            self.attach(folder)
-        else:
-            self._flush()
-        files = dict(base_files)
-        files["review"] = folder / REVIEW_FILE
-        if not self.records:
-            return files
-        reviewed = self.result()
-        files["summary_reviewed"] = atomic_write(
-            folder / REVIEWED_SUMMARY, lambda p: reviewed.summary.to_csv(p, index=False)
-        )
-        files["cells_reviewed"] = write_cells(reviewed.cells, folder / REVIEWED_CELLS)
-        if self.regions is not self.base.regions:
-            files["regions_reviewed"] = reviewed.compartment_regions().save(
-                folder / REVIEWED_REGIONS
-            )
-            write_compartments(reviewed, folder / "compartments_reviewed.geojson")
-        prov = json.dumps(_jsonable(reviewed.provenance), indent=1)
-        files["run"] = atomic_write(folder / "run.json", lambda p: p.write_text(prov))
-        text = reviewed.to_html()
-        files["report"] = atomic_write(
-            folder / "report.html", lambda p: p.write_text(text, encoding="utf-8")
-        )
-        return files
+        return save_review(self, folder, config)
