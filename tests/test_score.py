@@ -129,6 +129,7 @@ def test_save_writes_every_output(scored, tmp_path):
         "cells.parquet",
         "cells.geojson",
         "regions.geojson",
+        "compartments.geojson",
         "overlay.png",
         "heatmap.png",
         "run.json",

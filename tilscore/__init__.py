@@ -40,6 +40,9 @@ _LAZY = {
     "RegionSet": "regions",
     "load_regions": "regions",
     "SlideResult": "score",
+    "load_result": "results",
+    "load_review": "results",
+    "Review": "review",
     "iter_score_slide": "score",
     "score_image": "score",
     "score_slide": "score",
@@ -56,6 +59,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .detect import detect_cells
     from .regions import RegionSet, load_regions
     from .register import register_slides
+    from .results import load_result, load_review
+    from .review import Review
     from .score import SlideResult, iter_score_slide, score_image, score_slide
     from .slide import Slide, open_slide
     from .stain import (
@@ -88,6 +93,7 @@ __all__ = [
     "MissingPixelSizeError",
     "RegionError",
     "RegionSet",
+    "Review",
     "Slide",
     "SlideReadError",
     "SlideResult",
@@ -104,6 +110,8 @@ __all__ = [
     "iter_score_slide",
     "load_config",
     "load_regions",
+    "load_result",
+    "load_review",
     "open_slide",
     "reconstruct",
     "register_slides",

@@ -15,7 +15,8 @@ or on an existing cluster (``scheduler=``). Nothing is lost:
   the effective configuration (:func:`scoring_config_hash`: the config without its ``[batch]``
   table). A re-run skips the slides
   whose folder holds the same key and redoes the others; ``force=True`` redoes all;
-- ``OUT/summary.csv`` (one row per slide x compartment, with the manifest's columns) and
+- ``OUT/summary.csv`` (one row per slide x compartment, with the manifest's columns; a slide
+  reviewed in napari counts with its reviewed summary, column ``summary_from``) and
   ``OUT/cells/<slide_id>.parquet`` are rebuilt from the finished slides at the end of every run,
   interrupted or not. Leftover temporary folders of a killed run are removed on the next one.
 
@@ -571,6 +572,12 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     old = None
     if final.exists():
         old = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
+        if (final / "review.jsonl").is_file():  # a person's review is never deleted
+            old = final.with_name(f"{final.name}.reviewed-{time.strftime('%Y%m%d-%H%M%S')}")
+            log.warning("%s was reviewed; the review is kept in %s", final, old)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            return
         os.replace(final, old)
     os.replace(tmp, final)
     if old is not None:
@@ -1183,11 +1190,14 @@ def _write_outputs(
     keep = set()
     for item in finished:
         folder = out / item.slide_id
+        # a result reviewed in napari counts as reviewed; the column summary_from says which
+        reviewed = (folder / "summary_reviewed.csv").is_file()
         try:
-            summary = pd.read_csv(folder / "summary.csv")
+            summary = pd.read_csv(folder / ("summary_reviewed.csv" if reviewed else "summary.csv"))
         except (OSError, ValueError) as e:
             log.warning("%s: cannot read its summary: %s", folder, e)
             continue
+        summary["summary_from"] = "reviewed" if reviewed else "scored"
         tables.append(_with_meta(summary, item))
         cells = folder / "cells.parquet"
         if cells.is_file():

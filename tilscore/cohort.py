@@ -238,6 +238,30 @@ def _join_manifest(
     return s
 
 
+def _use_reviewed(df: pd.DataFrame, out: Path) -> pd.DataFrame:
+    """The batch summary with each slide reviewed since the batch (``OUT/<slide_id>/
+    summary_reviewed.csv``) counted with its reviewed rows; column ``summary_from`` says which."""
+    if "slide_id" not in df or "compartment" not in df:
+        return df
+    df = df.copy()
+    if "summary_from" not in df:
+        df["summary_from"] = "scored"
+    for sid in pd.unique(df["slide_id"].astype(str)):
+        path = out / sid / "summary_reviewed.csv"
+        if not path.is_file():
+            continue
+        try:
+            rev = pd.read_csv(path).set_index("compartment")
+        except (OSError, ValueError, KeyError):
+            continue  # an unreadable reviewed summary: the batch's rows stay (scored)
+        rows = (df["slide_id"].astype(str) == sid) & df["compartment"].isin(rev.index)
+        cols = [c for c in rev.columns if c in df.columns and c not in _ID_COLUMNS]
+        for col in cols:
+            df.loc[rows, col] = df.loc[rows, "compartment"].map(rev[col]).to_numpy()
+        df.loc[rows, "summary_from"] = "reviewed"
+    return df
+
+
 def load_cohort(
     summary: str | os.PathLike | pd.DataFrame,
     manifest: str | os.PathLike | pd.DataFrame | None = None,
@@ -262,7 +286,9 @@ def load_cohort(
     -------
     pandas.DataFrame
         ``patient`` as str, ``timepoint`` lower-case str, ``pcr`` as float 0/1/NaN, metrics float;
-        ``attrs["source"]`` names the summary file.
+        ``attrs["source"]`` names the summary file. Slides reviewed in napari after the batch
+        (``OUT/<slide_id>/summary_reviewed.csv``) count with their reviewed values; the column
+        ``summary_from`` says "reviewed" or "scored".
     """
     source = None
     if isinstance(summary, pd.DataFrame):
@@ -270,7 +296,7 @@ def load_cohort(
         source = df.attrs.get("source")
     else:
         source = os.fspath(summary)
-        df = _read_table(summary, "summary")
+        df = _use_reviewed(_read_table(summary, "summary"), Path(source).parent)
     if manifest is not None:
         msource = None if isinstance(manifest, pd.DataFrame) else os.fspath(manifest)
         mdf = manifest if isinstance(manifest, pd.DataFrame) else _read_table(manifest, "manifest")

@@ -213,6 +213,9 @@ class SlideResult:
         What was used: versions, model and hash, stains, thresholds, config, input hash, time.
     thumbnail
         Optional RGB overview for the overlay and the report, with its downsample.
+    scored_area
+        The scored area before exclusions (level-0 px geometry; None: unknown); a review
+        rebuilds the compartments from it when regions are edited.
     """
 
     slide_id: str
@@ -227,6 +230,12 @@ class SlideResult:
     provenance: dict[str, Any]
     thumbnail: np.ndarray | None = field(default=None, repr=False)
     thumbnail_downsample: float = 1.0
+    scored_area: Any = field(default=None, repr=False)
+
+    @property
+    def reviewed(self) -> bool:
+        """Whether this is a reviewed result (``provenance["review"]``, see tilscore.review)."""
+        return bool(self.provenance.get("review"))
 
     def row(self, compartment: str) -> dict[str, Any]:
         """The summary row of one compartment as a dict."""
@@ -235,10 +244,12 @@ class SlideResult:
             raise KeyError(compartment)
         return sel.iloc[0].to_dict()
 
-    def reclassify(self, **overrides: Any) -> SlideResult:
+    def reclassify(self, keep_manual: bool = True, **overrides: Any) -> SlideResult:
         """A new result with the marker rule's values replaced; no detection is re-run.
 
         ``overrides`` are :class:`~tilscore.markers.MarkerRule` fields (``threshold_od=0.2``...).
+        Cells called positive or negative by hand in a review (``manual_positive``) keep that
+        call unless ``keep_manual`` is False.
         """
         from .markers import MarkerRule, classify_cells
 
@@ -246,6 +257,10 @@ class SlideResult:
             **overrides
         )
         cells = classify_cells(self.cells, rule)
+        if "manual_positive" in cells.columns:
+            from .review import apply_manual_calls
+
+            cells = apply_manual_calls(cells, rule, keep_manual)
         summary = summarise(
             cells, self.compartments, self.mpp, slide_id=self.slide_id, marker=self.marker
         )
@@ -253,6 +268,13 @@ class SlideResult:
             summary[extra] = self.summary[extra].iloc[0] if len(self.summary) else None
         prov = json.loads(json.dumps(self.provenance))
         prov["detection"]["marker"] = rule.to_dict()
+        if prov.get("review"):  # the reviewed score as it now stands
+            from .review_log import QUOTED
+
+            prov["review"]["summary_after"] = {
+                str(r["compartment"]): to_jsonable({k: r[k] for k in QUOTED})
+                for r in summary.to_dict("records")
+            }
         prov.setdefault("reclassified", []).append(
             {"overrides": to_jsonable(overrides), "time": _now()}
         )
@@ -401,6 +423,9 @@ class SlideResult:
             files["cells_geojson"] = write_cells(self.cells, folder / "cells.geojson")
         if out_cfg["regions_geojson"]:
             files["regions"] = self.compartment_regions().save(folder / "regions.geojson")
+        from .results import write_compartments  # a review recounts from these geometries
+
+        files["compartments"] = write_compartments(self, folder / "compartments.geojson")
         images: dict[str, np.ndarray | bytes] = {}  # each image encoded once: file and report
         if out_cfg["overlay"] or out_cfg["report"]:
             images["overlay"] = encode_png(self.overlay_image())
@@ -580,11 +605,41 @@ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 80%; }}
 cells / compartment area (the IHC analogue of the TILs Working Group's stromal TIL %); the invasive
 margin overlaps the tumour bed's edge and the tissue around it. Exclusions are removed from every
 compartment.</p>
-{warn_html}
+{_review_html(res)}{warn_html}
 <h2>Images</h2>{figs}
 <details><summary>Provenance (run.json)</summary><pre>{prov_text}</pre></details>
 </body></html>
 """
+
+
+def _review_html(res: SlideResult) -> str:
+    """The report's review section: what was changed, by whom, and the score before / after."""
+    rev = res.provenance.get("review")
+    if not rev:
+        return ""
+    c = rev.get("counts", {})
+    head = (
+        f"<p>{c.get('added', 0)} cells added, {c.get('removed', 0)} removed, "
+        f"{c.get('flipped', 0)} flipped, {c.get('class_changed', 0)} re-classed, "
+        f"{c.get('moved', 0)} moved, {c.get('region_edits', 0)} region edits "
+        f"({c.get('edits', 0)} edits in {html.escape(str(rev.get('log', 'review.jsonl')))}, "
+        f"by {html.escape(', '.join(rev.get('users', [])))}, "
+        f"{html.escape(str(rev.get('first_edit')))} to {html.escape(str(rev.get('last_edit')))})."
+        "</p>"
+    )
+    rows = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{_fmt(b.get('n_positive'))}</td>"
+        f"<td>{_fmt(a.get('n_positive'))}</td><td>{_fmt(b.get('density_per_mm2'))}</td>"
+        f"<td>{_fmt(a.get('density_per_mm2'))}</td><td>{_fmt(b.get('pct_positive'))}</td>"
+        f"<td>{_fmt(a.get('pct_positive'))}</td></tr>"
+        for k, b in rev.get("summary_before", {}).items()
+        for a in [rev.get("summary_after", {}).get(k, {})]
+    )
+    return (
+        f"<h2>Review</h2>{head}<table><tr><th>Compartment</th><th>{res.marker}+ before</th>"
+        f"<th>after</th><th>per mm² before</th><th>after</th><th>% positive before</th>"
+        f"<th>after</th></tr>{rows}</table>"
+    )
 
 
 _CAPTIONS = {
@@ -876,6 +931,7 @@ def iter_score_slide(
             provenance=prov,
             thumbnail=thumb,
             thumbnail_downsample=thumb_ds,
+            scored_area=tissue_scope,
         )
     finally:
         if owned:

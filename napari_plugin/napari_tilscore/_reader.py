@@ -39,9 +39,35 @@ def napari_get_reader(path: str | Sequence[str]) -> Callable[..., list[LayerData
         One path or a list of paths (each must be a slide file).
     """
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if len(paths) == 1 and is_result_folder(paths[0]):
+        return read_result_folder
     if not paths or not all(str(p).lower().endswith(SLIDE_SUFFIXES) for p in paths):
         return None
     return read_slides
+
+
+def is_result_folder(path: str | os.PathLike) -> bool:
+    """A folder written by ``tilscore score -o DIR`` (or the widget's Export…)."""
+    p = Path(path)
+    return p.is_dir() and (p / "run.json").is_file() and (p / "cells.parquet").is_file()
+
+
+def read_result_folder(path: str | os.PathLike | Sequence[str]) -> list[Any]:
+    """File > Open on a result folder: the "TIL scoring" widget opens it with its review.
+
+    The slide, cells, compartments and every edit of ``review.jsonl`` come back through
+    :meth:`napari_tilscore._widget.TilscoreWidget.open_result` (errors are notifications);
+    napari gets no layer from the reader itself (its ``[(None,)]`` sentinel).
+    """
+    import napari
+
+    folder = path if isinstance(path, (str, os.PathLike)) else path[0]
+    viewer = napari.current_viewer()
+    if viewer is None:
+        return [(None,)]
+    _, widget = viewer.window.add_plugin_dock_widget("napari-tilscore", "TIL scoring")
+    widget.open_result(folder)
+    return [(None,)]
 
 
 def read_slides(path: str | Sequence[str]) -> list[LayerData]:

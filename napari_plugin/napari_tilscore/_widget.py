@@ -2,7 +2,8 @@
 
 Every action a button triggers is also a method (``open_slide``, ``set_config``,
 ``add_region_layers``, ``load_regions``, ``save_regions``, ``run``, ``cancel``, ``set_threshold``,
-``export``), so tests and scripts drive the widget without file dialogs. Errors a user can cause
+``export``, ``open_result``; the review box's in :mod:`._review`), so tests and scripts drive the
+widget without file dialogs. Errors a user can cause
 (unreadable file, slide without µm/px, no tissue, cancelled run) become napari notifications,
 never exceptions in the event loop.
 """
@@ -100,6 +101,7 @@ class TilscoreWidget(QWidget):
         self._pending: model.ScoringSession | None = None
         self.config: Any = None  # a tilscore Config (None: the defaults)
         self._result_layers: dict[str, Any] = {}
+        self._cancel_extra: Callable[[], Any] | None = None  # stops a fine-tuning worker
         self._build()
         self.viewer.layers.events.inserted.connect(self._refresh_slides)
         self.viewer.layers.events.removed.connect(self._refresh_slides)
@@ -214,6 +216,10 @@ class TilscoreWidget(QWidget):
         self.export_btn.clicked.connect(self._export_dialog)
         lay.addWidget(self.export_btn)
         root.addWidget(res_box)
+        from ._review import ReviewBox  # imports this module: only once it is complete
+
+        self.review_box = ReviewBox(self)
+        root.addWidget(self.review_box)
         root.addStretch(1)
         self.marker_combo.currentIndexChanged.connect(self._marker_changed)
         self._marker_changed()
@@ -466,8 +472,16 @@ class TilscoreWidget(QWidget):
         """Start scoring in a background thread; returns the napari worker (None on error)."""
         from napari.qt.threading import create_worker
 
+        from tilscore.errors import TilscoreError
+
         if self.worker is not None:
             raise RuntimeError("a run is in progress; cancel it first")
+        unsaved = self.session.unsaved_edits() if self.session is not None else 0
+        if unsaved:
+            raise TilscoreError(
+                f"the review has {unsaved} edits that are not saved; a new run would replace them",
+                hint="Export… the result first: its review.jsonl keeps every edit",
+            )
         session = self.make_session()
         worker = create_worker(session.run, _start_thread=False)
         worker.yielded.connect(self._on_progress)
@@ -486,10 +500,20 @@ class TilscoreWidget(QWidget):
         return worker
 
     def cancel(self) -> None:
-        """Stop the run between tiles (the viewer and earlier results stay)."""
+        """Stop the run between tiles (the viewer and earlier results stay), or a fine-tuning."""
         if self.worker is not None:
             self.status_label.setText("cancelling …")
             self.worker.quit()
+        elif self._cancel_extra is not None:
+            self.status_label.setText("cancelling …")
+            self._cancel_extra()
+
+    def _on_progress_text(self, update: tuple[str, int, int]) -> None:
+        """Progress of a background job other than scoring (fine-tuning) in the dock."""
+        stage, done, total = update
+        self.progress_bar.setRange(0, max(int(total), 1))
+        self.progress_bar.setValue(int(done))
+        self.status_label.setText(f"{stage}: {done}/{total}")
 
     def _on_progress(self, update: tuple[str, int, int]) -> None:
         from napari.utils import progress
@@ -568,7 +592,39 @@ class TilscoreWidget(QWidget):
         meta = self._slide_meta()
         mpp = float(result.mpp)
         scale = (mpp, mpp)
-        # compartments (outlines)
+        self._draw_compartments()
+        self._update_heatmap(meta)
+        coords, features, face = model.cell_points(result.cells)
+        cells = self._result_layers.get("cells")
+        if cells is not None and cells in self.viewer.layers:
+            self.viewer.layers.remove(cells)
+        self._result_layers["cells"] = self.viewer.add_points(
+            coords,
+            features=features,
+            # napari cannot take an empty colour array: one colour when there is no cell
+            face_color=model.translucent(face) if len(face) else "#00000000",
+            border_color=face if len(face) else model.hex_colour(model.NEGATIVE_RGBA),
+            border_width=0.2,  # a ring: the stained cell stays visible inside
+            size=CELL_SIZE_UM / mpp,
+            name=f"cells ({result.marker})",
+            scale=scale,
+            units=("um", "um"),
+            metadata={RESULT_KEY: "cells"},
+        )
+        self.viewer.tooltip.visible = True  # hovering a cell shows its measurements
+        self.threshold_slider.blockSignals(True)
+        self.threshold_slider.setValue(session.threshold_of())
+        self.threshold_slider.blockSignals(False)
+        self.threshold_slider.setEnabled(True)
+        self.export_btn.setEnabled(True)
+        self._fill_table()
+        self.review_box.start()
+
+    def _draw_compartments(self) -> None:
+        """The compartments' outlines as a Shapes layer of paths (replaced at each call)."""
+        result = self.session.result
+        mpp = float(result.mpp)
+        scale = (mpp, mpp)
         shapes, colours, names = [], [], []
         geometries = dict(result.compartments.geometries)
         geometries["excluded"] = result.compartments.excluded
@@ -596,31 +652,12 @@ class TilscoreWidget(QWidget):
             )
             layer.editable = False
             self._result_layers["compartments"] = layer
-        self._update_heatmap(meta)
-        coords, features, face = model.cell_points(result.cells)
-        cells = self._result_layers.get("cells")
-        if cells is not None and cells in self.viewer.layers:
-            self.viewer.layers.remove(cells)
-        self._result_layers["cells"] = self.viewer.add_points(
-            coords,
-            features=features,
-            # napari cannot take an empty colour array: one colour when there is no cell
-            face_color=model.translucent(face) if len(face) else "#00000000",
-            border_color=face if len(face) else model.hex_colour(model.NEGATIVE_RGBA),
-            border_width=0.2,  # a ring: the stained cell stays visible inside
-            size=CELL_SIZE_UM / mpp,
-            name=f"cells ({result.marker})",
-            scale=scale,
-            units=("um", "um"),
-            metadata={RESULT_KEY: "cells"},
-        )
-        self.viewer.tooltip.visible = True  # hovering a cell shows its measurements
-        self.threshold_slider.blockSignals(True)
-        self.threshold_slider.setValue(session.threshold())
-        self.threshold_slider.blockSignals(False)
-        self.threshold_slider.setEnabled(True)
-        self.export_btn.setEnabled(True)
-        self._fill_table()
+            # below the cells: clicks in the canvas reach the cells layer
+            cells = self._result_layers.get("cells")
+            if cells is not None and cells in self.viewer.layers:
+                self.viewer.layers.move(
+                    self.viewer.layers.index(layer), self.viewer.layers.index(cells)
+                )
 
     def _update_heatmap(self, meta: dict[str, Any]) -> None:
         result = self.session.result
@@ -679,11 +716,16 @@ class TilscoreWidget(QWidget):
         """Re-classify the cells at a new DAB OD threshold: colours, table and heatmap follow."""
         if self.session is None or self.session.result is None:
             return
+        if self.worker is not None and self.session.review is not None:
+            raise RuntimeError("scoring is running; the threshold is applied when it ends")
         result = self.session.reclassify(threshold_od)
         if abs(self.threshold_slider.value() - threshold_od) > 1e-9:
             self.threshold_slider.blockSignals(True)
             self.threshold_slider.setValue(threshold_od)
             self.threshold_slider.blockSignals(False)
+        if self.session.review is not None:
+            self.review_box.refresh(full=False)
+            return
         layer = self._result_layers.get("cells")
         if layer is not None and layer in self.viewer.layers:
             _, features, face = model.cell_points(result.cells)
@@ -704,6 +746,10 @@ class TilscoreWidget(QWidget):
         files = self.session.export(folder)
         show_info(f"tilscore: {len(files)} files written to {folder}")
         return files
+
+    def open_result(self, folder: str | Path) -> Any:
+        """Open a result folder with its review (see :meth:`._review.ReviewBox.open_result`)."""
+        return self.review_box.open_result(folder)
 
     def _export_dialog(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Export results to")

@@ -55,6 +55,8 @@ TABLE_COLUMNS: tuple[tuple[str, str, str], ...] = (
 
 #: Per-cell columns shown as Points features (hovering a cell shows them).
 FEATURE_COLUMNS = (
+    "cell_id",
+    "edited",
     "x",
     "y",
     "x_um",
@@ -349,6 +351,164 @@ def table_rows(summary: Any) -> list[list[str]]:
     return rows
 
 
+# -------------------------------------------------------------------------------- review ---
+
+#: Symbols of the cells: as detected, and touched by the review (added, flipped, re-classed).
+DETECTED_SYMBOL = "disc"
+EDITED_SYMBOL = "diamond"
+NEW_CELL_CLASSES = ("immune", "tumour", "other")
+
+
+def review_cells(review: Any) -> Any:
+    """The review's cells with ``edited`` (bool: added or touched by an edit record)."""
+    cells = review.cells
+    touched = review.edited_ids()
+    cells["edited"] = cells["cell_id"].isin(touched).to_numpy() | cells["added"].to_numpy(bool)
+    return cells
+
+
+def cell_symbols(cells: Any) -> np.ndarray:
+    """Per-cell symbols: :data:`EDITED_SYMBOL` where ``edited``, else :data:`DETECTED_SYMBOL`."""
+    edited = cells["edited"].to_numpy(bool) if "edited" in cells else np.zeros(len(cells), bool)
+    return np.where(edited, EDITED_SYMBOL, DETECTED_SYMBOL)
+
+
+def points_changes(
+    ids: np.ndarray, xy: np.ndarray, layer_ids: np.ndarray, layer_yx: np.ndarray
+) -> tuple[list[int], np.ndarray, tuple[list[int], np.ndarray]]:
+    """What a user did to the cells' Points layer, against the review's cells.
+
+    Parameters
+    ----------
+    ids, xy
+        The review's cells: ids and level-0 ``(x, y)``.
+    layer_ids, layer_yx
+        The layer's ``cell_id`` feature (-1 for points added in the layer) and its ``(y, x)``.
+
+    Returns
+    -------
+    deleted
+        Ids no longer in the layer.
+    added
+        ``(N, 2)`` level-0 ``(x, y)`` of the new points.
+    moved
+        ``(ids, (N, 2) x, y)`` of the points whose position changed.
+    """
+    ids = np.asarray(ids, np.int64)
+    layer_ids = np.asarray(layer_ids, np.int64)
+    layer_xy = np.asarray(layer_yx, float).reshape(-1, 2)[:, ::-1]
+    new = layer_ids < 0
+    deleted = sorted(set(ids.tolist()) - set(layer_ids[~new].tolist()))
+    pos = dict(zip(ids.tolist(), np.asarray(xy, float).reshape(-1, 2)))
+    moved_ids, moved_xy = [], []
+    for cid, p in zip(layer_ids[~new].tolist(), layer_xy[~new]):
+        old = pos.get(cid)
+        if old is not None and not np.allclose(old, p, atol=1e-6):
+            moved_ids.append(cid)
+            moved_xy.append(p)
+    return deleted, layer_xy[new], (moved_ids, np.asarray(moved_xy, float).reshape(-1, 2))
+
+
+def merge_region_edits(
+    current: Any, layers: Mapping[str, tuple[Sequence[np.ndarray], Sequence[str]]]
+) -> Any:
+    """The review's regions with the classes whose Shapes layer was edited replaced.
+
+    A napari polygon has no holes, so a class whose layer still shows exactly its regions'
+    outlines keeps its regions as they are (holes included); an edited class is read from its
+    layer (:func:`regions_from_shapes`). Classes without a layer are kept.
+
+    Parameters
+    ----------
+    current
+        The review's :class:`tilscore.regions.RegionSet`.
+    layers
+        Region class -> ``(data, shape_types)`` of its Shapes layer ((y, x) level-0 px).
+    """
+    from tilscore.regions import RegionSet
+
+    shown = current.to_shapes()
+    kept = []
+    for region in current:
+        data = layers.get(region.cls)
+        if data is None or _same_shapes(shown.get(region.cls, []), data[0]):
+            kept.append(region)
+    edited = {
+        cls: data for cls, data in layers.items() if not _same_shapes(shown.get(cls, []), data[0])
+    }
+    new = regions_from_shapes(edited) if edited else None
+    return RegionSet([*kept, *(new or [])], "reviewed")
+
+
+def _same_shapes(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> bool:
+    if len(a) != len(b):
+        return False
+    for p, q in zip(a, b):
+        p = np.asarray(p, float)[:, -2:]
+        q = np.asarray(q, float)[:, -2:]
+        if p.shape != q.shape or not np.allclose(p, q, atol=1e-3):
+            return False
+    return True
+
+
+def counts_text(review: Any) -> str:
+    """One line for the dock: the review's edits and what they changed."""
+    if review is None or not review.records:
+        return "no edits"
+    c = review.counts()
+    return (
+        f"{c['edits']} edits by {', '.join(sorted({r.user for r in review.records}))}: "
+        f"{c['added']} added, {c['removed']} removed, {c['flipped']} flipped, "
+        f"{c['class_changed']} re-classed, {c['moved']} moved, {c['region_edits']} region edits"
+    )
+
+
+def finetune_function() -> Any:
+    """``tilscore.detect.finetune`` where this tilscore has it (the detector fine-tuning of
+    issue 16), else None: the widget then says fine-tuning is not available in this version."""
+    import importlib
+
+    try:
+        detect = importlib.import_module("tilscore.detect")
+    except ImportError:
+        return None
+    fn = getattr(detect, "finetune", None)
+    return fn if callable(fn) else None
+
+
+def finetune_corrections(
+    reviews: Sequence[Any], labels_dir: str | Path, model_dir: str | Path
+) -> Generator[tuple[str, int, int], None, Any]:
+    """Export the reviews' corrected cells as labels, then fine-tune the detector on them.
+
+    Yields ``(stage, done, total)`` for a napari worker (quitting it stops between steps);
+    returns what ``tilscore.detect.finetune`` returns (the new model). The call is
+    ``finetune(labels_dir / "labels.json", out=model_dir)``; a generator is driven step by step.
+
+    Raises
+    ------
+    tilscore.errors.TilscoreError
+        Fine-tuning is not in this version of tilscore.
+    """
+    from tilscore.errors import TilscoreError
+    from tilscore.results import export_labels
+
+    fn = finetune_function()
+    if fn is None:
+        raise TilscoreError(
+            "fine-tuning is not available in this version of tilscore",
+            hint="The corrections can be exported as labels (Export labels…) and used once "
+            "`tilscore finetune` is installed",
+        )
+    yield "labels", 0, 1
+    export_labels(list(reviews), labels_dir)
+    yield "labels", 1, 1
+    out = fn(Path(labels_dir) / "labels.json", out=Path(model_dir))
+    if isinstance(out, Generator):
+        out = yield from out
+    return out
+
+
 # -------------------------------------------------------------------------------- session ---
 
 
@@ -386,6 +546,7 @@ class ScoringSession:
     automatic: bool = False
     config: Any = None
     result: Any = None
+    review: Any = None
     _raw: Any = field(default=None, repr=False)
 
     def effective_config(self) -> Any:
@@ -417,6 +578,46 @@ class ScoringSession:
     def set_result(self, result: Any) -> None:
         """Adopt a :class:`~tilscore.score.SlideResult` scored elsewhere (e.g. by a script)."""
         self.result = self._raw = result
+        self.review = None
+
+    def start_review(self, user: str | None = None) -> Any:
+        """The :class:`tilscore.review.Review` of the current result (made on first call)."""
+        from tilscore.review import Review
+
+        if self.result is None:
+            raise RuntimeError("score a slide first")
+        if self.review is None:
+            self.review = Review(self._raw if self._raw is not None else self.result, user=user)
+            if self.result is not self._raw and self._raw is not None:  # threshold moved
+                rule = self.result.provenance["detection"]["marker"]
+                self.review.rule = type(self.review.rule).from_dict(rule)
+                self.review._derive(np.ones(len(self.review._table), bool), where=False)
+        return self.review
+
+    def adopt_review(self, review: Any) -> None:
+        """Continue a review loaded from a result folder (:func:`tilscore.load_review`)."""
+        self.result = self._raw = review.base
+        self.review = review
+        self.marker = review.base.marker
+        self.sync_review()
+
+    def sync_review(self) -> Any:
+        """``result`` becomes the review's current state (cells, summary, regions); cheap: no
+        copy of the provenance, no before/after statistics."""
+        from dataclasses import replace
+
+        rv = self.review
+        prov = dict(rv.base.provenance)
+        prov["detection"] = {**prov.get("detection", {}), "marker": rv.rule.to_dict()}
+        self.result = replace(
+            rv.base,
+            provenance=prov,
+            cells=rv.cells,
+            summary=rv.summary,
+            regions=rv.regions,
+            compartments=rv.compartments,
+        )
+        return self.result
 
     def threshold(self) -> float:
         """The threshold (DAB OD) the current result uses, else the preset's."""
@@ -427,14 +628,33 @@ class ScoringSession:
         return preset_threshold(self.marker, self.config)
 
     def reclassify(self, threshold_od: float) -> Any:
-        """Re-classify the cells of the last run at a new threshold (no detection)."""
+        """Re-classify the cells of the last run at a new threshold (no detection); a review's
+        manual calls are kept and the change is recorded in its audit trail."""
         if self._raw is None:
             raise RuntimeError("score a slide first")
+        if self.review is not None:
+            if abs(self.review.rule.threshold_od - float(threshold_od)) > 1e-12:
+                self.review.reclassify(threshold_od=float(threshold_od))
+            return self.sync_review()
         self.result = self._raw.reclassify(threshold_od=float(threshold_od))
         return self.result
 
     def export(self, folder: str | Path) -> dict[str, Path]:
-        """Write the current result with :meth:`tilscore.score.SlideResult.save`."""
+        """Write the current result with :meth:`tilscore.score.SlideResult.save`; a review with
+        edits writes the scored outputs, its audit trail and the reviewed outputs
+        (:meth:`tilscore.review.Review.save`) and keeps appending to that folder."""
         if self.result is None:
             raise RuntimeError("score a slide first")
+        if self.review is not None and self.review.records:
+            return self.review.save(folder)
         return self.result.save(folder)
+
+    def threshold_of(self) -> float:
+        """The threshold of the review's rule, else :meth:`threshold`."""
+        if self.review is not None:
+            return float(self.review.rule.threshold_od)
+        return self.threshold()
+
+    def unsaved_edits(self) -> int:
+        """Edits of the review that are in no folder's review.jsonl yet (lost if replaced)."""
+        return 0 if self.review is None else int(self.review.pending)

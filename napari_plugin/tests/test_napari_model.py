@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -111,3 +113,79 @@ def test_marker_choices_show_the_preset_thresholds():
         assert choices[f"{name}: {rule.measure} DAB ≥ {rule.threshold_od:g} OD"] == name
         assert model.preset_threshold(name) == pytest.approx(rule.threshold_od)
     assert model.preset_threshold("CD8", {"markers": {"CD8": {"threshold_od": 0.2}}}) == 0.2
+
+
+def test_points_changes_tell_deleted_added_and_moved_cells():
+    ids = np.array([0, 1, 2, 3])
+    xy = np.array([[10.0, 20.0], [30.0, 40.0], [50.0, 60.0], [70.0, 80.0]])
+    # the layer after: cell 1 deleted, cell 3 moved, one point added (id -1), in (y, x)
+    layer_ids = np.array([0, 2, 3, -1])
+    layer_yx = np.array([[20.0, 10.0], [60.0, 50.0], [85.0, 75.0], [5.0, 6.0]])
+    deleted, added, (moved, moved_xy) = model.points_changes(ids, xy, layer_ids, layer_yx)
+    assert deleted == [1]
+    assert added.tolist() == [[6.0, 5.0]]
+    assert moved == [3]
+    assert moved_xy.tolist() == [[75.0, 85.0]]
+    none = model.points_changes(ids, xy, ids, xy[:, ::-1])
+    assert none[0] == [] and len(none[1]) == 0 and none[2][0] == []  # noqa: PT018
+
+
+def test_region_edits_keep_the_holes_of_classes_not_edited():
+    import shapely
+
+    from tilscore.regions import Region, RegionSet
+
+    ring = shapely.box(0, 0, 100, 100).difference(shapely.box(40, 40, 60, 60))  # a hole
+    current = RegionSet(
+        [Region("tumour", ring, "Tumor"), Region("exclude", shapely.box(200, 0, 220, 20))]
+    )
+    shown = current.to_shapes()
+    layers = {cls: (polys, ["polygon"] * len(polys)) for cls, polys in shown.items()}
+    # nothing edited: the same regions, hole included
+    same = model.merge_region_edits(current, layers)
+    assert same.geometry("tumour").area == pytest.approx(ring.area)
+    # a stroma polygon drawn, the exclusion deleted: tumour untouched (its hole stays)
+    stroma = np.array([[0.0, 100.0], [0.0, 150.0], [50.0, 150.0], [50.0, 100.0]])
+    layers["stroma"] = ([stroma], ["polygon"])
+    layers["exclude"] = ([], [])
+    merged = model.merge_region_edits(current, layers)
+    assert merged.geometry("tumour").area == pytest.approx(ring.area)
+    assert merged.geometry("stroma").area == pytest.approx(50 * 50)
+    assert not merged.has("exclude")
+
+
+def test_finetune_corrections_exports_labels_then_calls_finetune(tmp_path, monkeypatch):
+    from napari_tilscore._sample_data import example_slide_path
+
+    import tilscore
+    from tilscore.errors import TilscoreError, TilscoreWarning
+    from tilscore.review import Review
+
+    monkeypatch.setattr(model, "finetune_function", lambda: None)
+    with pytest.raises(TilscoreError, match="not available in this version"):
+        next(model.finetune_corrections([], tmp_path / "l", tmp_path / "m"))
+    rgb = tilscore.open_slide(example_slide_path("CD8")).read_region(1600, 1100, 400, 400)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TilscoreWarning)  # a small crop: no tissue mask
+        review = Review(tilscore.score_image(rgb, mpp=0.5, marker="CD8"))
+    review.set_positive([0])
+    seen = []
+
+    def fake(labels, out):
+        seen.append((labels, out))
+        return out
+
+    monkeypatch.setattr(model, "finetune_function", lambda: fake)
+    gen = model.finetune_corrections([review], tmp_path / "l", tmp_path / "m")
+    steps = []
+    while True:
+        try:
+            steps.append(next(gen))
+        except StopIteration as stop:
+            value = stop.value
+            break
+    assert value == tmp_path / "m"
+    assert steps == [("labels", 0, 1), ("labels", 1, 1)]
+    assert seen == [(tmp_path / "l" / "labels.json", tmp_path / "m")]
+    assert (tmp_path / "l" / "image.csv").is_file()
+    assert "1 edits by" in model.counts_text(review)
