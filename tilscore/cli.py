@@ -40,6 +40,30 @@ def _add_set(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME|PATH",
+        help="CNN model: a shipped name (default, synthetic) or a model folder (tilscore "
+        "finetune); overrides [detect] model of the config",
+    )
+
+
+def _config_with_model(path, model):
+    """The config file's settings with ``[detect] model`` replaced (checked before any work)."""
+    from .config import Config, load_config
+    from .detect.cnn import check_model
+
+    config = load_config(path)
+    if model is None:
+        return config
+    check_model(model)
+    data = config.to_dict()
+    data.setdefault("detect", {})["model"] = str(model)
+    return Config.from_dict(data, source=config.source)
+
+
 def _add_mpp(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mpp",
@@ -88,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--region", default=None, metavar="X,Y,W,H", help="only this level-0 box of a slide"
     )
+    _add_model(p)
     _add_set(p)
     p.add_argument(
         "--config",
@@ -126,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, metavar="TOML", help="configuration file")
     _add_set(p)
     _add_mpp(p)
+    _add_model(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_score)
 
@@ -218,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads-per-worker", type=_positive_int, default=None, help="slides at once per worker"
     )
     p.add_argument("--force", action="store_true", help="score every slide again")
+    _add_model(p)
     p.set_defaults(func=_cmd_batch)
+
+    from .detect.finetune_cli import add_finetune_parser
+
+    add_finetune_parser(sub)
 
     p = sub.add_parser("config", help="print the configuration (TOML) with every default")
     p.add_argument("--show", action="store_true", help="print the effective configuration")
@@ -391,11 +422,16 @@ def _cmd_detect(args: argparse.Namespace) -> int:
             f"cannot tell the output format from {args.output.name!r}",
             hint=f"Use one of the suffixes {', '.join(CELL_FORMATS)}",
         )
-    from .config import load_config
 
-    rule = load_config(args.config).marker_rule(args.marker, **_parse_overrides(args.overrides))
+    config = _config_with_model(args.config, args.model)
+    rule = config.marker_rule(args.marker, **_parse_overrides(args.overrides))
     gen = iter_detect_cells(
-        args.image, args.mpp, rule, args.detector, region=_parse_box(args.region)
+        args.image,
+        args.mpp,
+        rule,
+        args.detector,
+        region=_parse_box(args.region),
+        model=config["detect"]["model"],
     )
     console = _console()
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -416,10 +452,9 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from .config import load_config
     from .score import iter_score_slide
 
-    config = load_config(args.config)
+    config = _config_with_model(args.config, args.model)
     gen = iter_score_slide(
         args.slide,
         args.marker,
@@ -551,7 +586,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         result = run_batch(
             args.inputs,
             args.output,
-            config=args.config,
+            config=_config_with_model(args.config, args.model) if args.model else args.config,
             marker=args.marker,
             scheduler=args.scheduler,
             workers=args.workers,

@@ -79,7 +79,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 #: What each key means, written above it by :func:`default_config_toml`.
 HELP: dict[tuple[str, str], str] = {
     ("detect", "detector"): '"cnn" or "classical"',
-    ("detect", "model"): "a model folder in tilscore.models",
+    ("detect", "model"): (
+        'a shipped model ("default", "synthetic") or a model folder (tilscore finetune)'
+    ),
     ("detect", "device"): '"auto" (CUDA when present), "cpu", "cuda"',
     ("detect", "tile_size_px"): "tile core at the detector's µm/px",
     ("detect", "halo_px"): "context around each tile (px)",
