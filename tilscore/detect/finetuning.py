@@ -226,12 +226,12 @@ def finetune(
     val_fraction: float = 0.25,
     seed: int = 0,
     steps: int = 600,
-    lr: float = 1e-3,
+    lr: float = 5e-4,
     batch_size: int = 8,
     crop_px: int = 192,
     max_minutes: float = 15.0,
     val_every: int = 50,
-    patience: int = 4,
+    patience: int = 6,
     marker: str | None = None,
     device: str | None = "cpu",
     workers: int = 0,
@@ -371,6 +371,7 @@ def finetune(
             cancel=cancel,
             progress=progress,
             warmup=0.05,
+            freeze_bn=True,
         )
         model = model.to("cpu")
         det = _detector_from(model, config, "cpu")

@@ -282,6 +282,7 @@ def fit(
     cancel: Callable[[], bool] | None = None,
     progress: Callable[[int, int, dict], None] | None = None,
     warmup: float = 0.1,
+    freeze_bn: bool = False,
 ) -> dict[str, Any]:
     """Train ``model`` in place (AdamW; warm-up, then cosine decay); returns a history dict.
 
@@ -289,9 +290,11 @@ def fit(
     cut short by ``max_minutes`` still ends with a small learning rate.
 
     With ``validate`` (model -> score, higher is better) and ``val_every``, the best state seen
-    is restored at the end, and training stops after ``patience`` validations without a gain
+    (the starting state included: a run that never improves returns it unchanged) is restored
+    at the end, and training stops after ``patience`` validations without a gain
     (early stopping; 0 = never). ``cancel()`` is polled every step (raises :class:`Cancelled`);
-    ``progress(step, steps, info)`` is called every step.
+    ``progress(step, steps, info)`` is called every step. ``freeze_bn`` keeps the BatchNorm
+    statistics of the starting model (fine-tuning on a few small batches).
     """
     import copy
 
@@ -318,6 +321,12 @@ def fit(
     t0 = time.time()
     history: dict[str, Any] = {"val": [], "steps_done": 0, "stopped": "steps"}
     best, best_state, since = -math.inf, None, 0
+    if validate is not None and val_every > 0:  # the starting point competes too
+        model.eval()
+        best = float(validate(model))
+        best_state = copy.deepcopy(model.state_dict())
+        history["val"].append((0, round(best, 4)))
+        log(f"step 0: validation {best:.4f}")
     for step in range(int(steps)):
         if set_lr(step) >= 1.0:
             history["stopped"] = "max_minutes"
@@ -326,6 +335,10 @@ def fit(
         if cancel is not None and cancel():
             raise Cancelled(f"cancelled at step {step}")
         model.train()
+        if freeze_bn:
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.BatchNorm2d):
+                    mod.eval()
         x, th, tcl = next(stream)
         xt = torch.as_tensor(x, device=device).contiguous(memory_format=torch.channels_last)
         th_t = torch.as_tensor(th, device=device)
