@@ -136,7 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fold", type=int, default=None, help="run one fold (0-6)")
     ap.add_argument("--merge", nargs="+", type=Path, default=None, help="fold JSONs to pool")
     ap.add_argument("--steps", type=int, default=300)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--val-every", type=int, default=50)
     ap.add_argument("--max-minutes", type=float, default=3.0)
