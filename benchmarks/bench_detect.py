@@ -41,31 +41,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--marker", default="CD8")
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--models", nargs="+", default=["default"], help="CNN models (names or folders)"
+    )
     args = parser.parse_args(argv)
 
     rgb = make_field(args.size, args.marker)
     mp = rgb.shape[0] * rgb.shape[1] / 1e6
     rows = {}
-    for det in ("classical", "cnn"):
-        detect_cells(rgb[:512, :512], mpp=0.5, marker=args.marker, detector=det)  # warm-up
+    names = ["classical"] + ["cnn" if m == "default" else f"cnn:{m}" for m in args.models]
+    for det in names:
+        kind, _, model = det.partition(":")
+        kw = {"detector": kind, "model": model or "default"}
+        detect_cells(rgb[:512, :512], mpp=0.5, marker=args.marker, **kw)  # warm-up
         times, n = [], 0
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            cells = detect_cells(rgb, mpp=0.5, marker=args.marker, detector=det)
+            cells = detect_cells(rgb, mpp=0.5, marker=args.marker, **kw)
             times.append(time.perf_counter() - t0)
             n = len(cells)
         med = statistics.median(times)
         rows[det] = {"seconds": round(med, 3), "mp_per_s": round(mp / med, 2), "cells": n}
-    ratio = rows["cnn"]["mp_per_s"] / rows["classical"]["mp_per_s"]
+    ours = rows[names[1]]
+    ratio = ours["mp_per_s"] / rows["classical"]["mp_per_s"]
     print(f"detection at 0.5 µm/px on a {args.size} x {args.size} field ({mp:.1f} MP), "
           f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")  # fmt: skip
     print(f"{'detector':<10} {'seconds':>8} {'MP/s':>7} {'cells':>7}")
     for det, r in rows.items():
-        print(f"{det:<10} {r['seconds']:>8.2f} {r['mp_per_s']:>7.2f} {r['cells']:>7d}")
+        print(f"{det[-10:]:<10} {r['seconds']:>8.2f} {r['mp_per_s']:>7.2f} {r['cells']:>7d}")
     print(f"cnn / classical throughput ratio: {ratio:.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"stage": "detection", "ours": rows["cnn"], "peer": rows["classical"],
+            json.dump({"stage": "detection", "ours": ours, "peer": rows["classical"],
                        "ratio": round(ratio, 3), "megapixels": mp}, f, indent=2)  # fmt: skip
     return 0
 

@@ -17,6 +17,9 @@ Sets:
   dlubak        Ki67    0.5       positive and negative tumour nuclei, inside the ROI mask only
   ehh2025       Ki67    1.0       positive nuclei (mild/moderate/strong) exhaustively; negatives
                                   not exhaustive: positive-cell metrics only
+  endonuke      ER/PR   0.5       every nucleus (all-cell metrics only); only the validation id
+                                  hundreds (``ENDONUKE_VAL_HUNDREDS``), which the default model
+                                  was not trained on
   ============  ======  ========  ===============================================================
 
 The µm/px of the real sets are not recorded in their files; the values above are estimates from
@@ -25,6 +28,10 @@ nucleus sizes given in the MANIFESTs.
 Run::
 
     python benchmarks/eval_detectors.py [--shared ../shared/data] [--json out.json] [--quick]
+        [--models default synthetic] [--sets lyon19 endonuke ...]
+
+``--models`` runs the CNN once per model (a shipped name or a model folder); the rows are named
+``cnn:<model>``.
 """
 
 from __future__ import annotations
@@ -42,7 +49,15 @@ from tilscore.detect import detect_cells
 from tilscore.evaluate import evaluate_cells
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_sets import deepliif_cases, dlubak_cases, ehh_cases, lyon19_cases
+from real_sets import (
+    ENDONUKE_VAL_HUNDREDS,
+    deepliif_cases,
+    dlubak_cases,
+    ehh_cases,
+    endonuke_cases,
+    endonuke_ids,
+    lyon19_cases,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RADIUS_UM = 4.0
@@ -70,13 +85,17 @@ def synthetic_cases(size_px: int):
 
 
 def run_case(case: dict, detector: str) -> tuple[pd.DataFrame, float]:
+    """``detector``: "classical", "cnn" (the default model) or "cnn:<model name or folder>"."""
+    kind, _, model = detector.partition(":")
+    extra = {"model": model} if model else {}
     start = time.perf_counter()
     cells = detect_cells(
         case["image"],
         mpp=case["mpp"],
         marker=case["marker"],
-        detector=detector,
+        detector=kind,
         background=case.get("background"),
+        **extra,
     )
     return cells, time.perf_counter() - start
 
@@ -141,17 +160,41 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--detectors", nargs="+", default=["cnn", "classical"])
+    parser.add_argument(
+        "--models", nargs="+", default=None, help="CNN models (names or folders) instead of 'cnn'"
+    )
+    parser.add_argument(
+        "--sets",
+        nargs="+",
+        default=None,
+        help="only these sets (synthetic, lyon19, deepliif, dlubak, ehh2025, endonuke)",
+    )
     parser.add_argument("--synthetic-size", type=int, default=2048, help="test slide side (px)")
     parser.add_argument("--quick", action="store_true", help="synthetic 1024 px; fewer images")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     size = 1024 if args.quick else args.synthetic_size
 
+    want = set(args.sets) if args.sets else None
+    detectors = list(args.detectors)
+    if args.models:
+        detectors = [f"cnn:{m}" for m in args.models] + [d for d in detectors if d != "cnn"]
     sets: dict[str, list[dict]] = {}
-    for case in synthetic_cases(size):
-        sets[case["set"]] = [case]
+    if want is None or "synthetic" in want:
+        for case in synthetic_cases(size):
+            sets[case["set"]] = [case]
     if args.shared.is_dir():
-        for loader in (lyon19_cases, deepliif_cases, dlubak_cases, ehh_cases):
+        val_ids = [i for i in endonuke_ids(args.shared) if i // 100 in ENDONUKE_VAL_HUNDREDS]
+        loaders = {
+            "lyon19": lyon19_cases,
+            "deepliif": deepliif_cases,
+            "dlubak": dlubak_cases,
+            "ehh2025": ehh_cases,
+            "endonuke": lambda root: endonuke_cases(root, ids=val_ids),
+        }
+        for key, loader in loaders.items():
+            if want is not None and key not in want:
+                continue
             for case in loader(args.shared):
                 sets.setdefault(case["set"], []).append(case)
     else:
@@ -159,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for name, cases in sets.items():
-        for det in args.detectors:
+        for det in detectors:
             results[f"{name}/{det}"] = evaluate_set(cases, det)
             r = results[f"{name}/{det}"]
             print(

@@ -111,9 +111,7 @@ def run_case(case: dict) -> dict:
         "pos_fn": m["pos_fn"],
         "seconds": seconds,
         "warnings": sorted({str(w.message) for w in caught}),
-        "tissue_info": {
-            k: v for k, v in qc.tissue.info.items() if k not in ("params",)
-        },
+        "tissue_info": {k: v for k, v in qc.tissue.info.items() if k not in ("params",)},
     }
     if roi is not None:  # the ROI drawn as the user's tumour annotation
         regions = RegionSet.from_mask(roi, 1.0, "tumour")
@@ -248,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(markdown(summaries))
     if args.json:
-        args.json.write_text(json.dumps({"sets": summaries, "images": per_image}, indent=1,
-                                        default=str))
+        args.json.write_text(
+            json.dumps({"sets": summaries, "images": per_image}, indent=1, default=str)
+        )
     return 0
 
 

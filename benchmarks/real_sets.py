@@ -155,6 +155,11 @@ def ehh_all_cells(root: Path = SHARED_DATA) -> Iterator[dict]:
         yield case
 
 
+#: EndoNuke id hundreds held out from training the default model (``id // 100``); tiles of one
+#: hundred are likely one slide, so the split is by hundreds, never at random
+ENDONUKE_VAL_HUNDREDS = (6, 9)
+
+
 def endonuke_ids(root: Path = SHARED_DATA) -> list[int]:
     """The EndoNuke tile ids, sorted."""
     return sorted(int(p.stem) for p in (root / "endonuke-ihc" / "images").glob("*.png"))

@@ -51,6 +51,30 @@ def _mpp(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _add_model(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME|PATH",
+        help="CNN model: a shipped name (default, synthetic) or a model folder (tilscore "
+        "finetune); overrides [detect] model of the config",
+    )
+
+
+def _config_with_model(path, model):
+    """The config file's settings with ``[detect] model`` replaced (checked before any work)."""
+    from .config import Config, load_config
+    from .detect.cnn import check_model
+
+    config = load_config(path)
+    if model is None:
+        return config
+    check_model(model)
+    data = config.to_dict()
+    data.setdefault("detect", {})["model"] = str(model)
+    return Config.from_dict(data, source=config.source)
+
+
 def _add_mpp(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mpp",
@@ -122,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--region", default=None, metavar="X,Y,W,H", help="only this level-0 box of a slide"
     )
+    _add_model(p)
     _add_set(p)
     p.add_argument(
         "--config",
@@ -161,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_set(p)
     _add_mpp(p)
     _add_force_stain(p)
+    _add_model(p)
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="output folder")
     p.set_defaults(func=_cmd_score)
 
@@ -254,7 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="score every slide again")
     _add_force_stain(p)
+    _add_model(p)
     p.set_defaults(func=_cmd_batch)
+
+    from .detect.finetune_cli import add_finetune_parser
+
+    add_finetune_parser(sub)
 
     p = sub.add_parser("config", help="print the configuration (TOML) with every default")
     p.add_argument("--show", action="store_true", help="print the effective configuration")
@@ -432,11 +463,16 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from .outdir import check_output_file
 
     check_output_file(args.output, "cells file")  # before the work
-    from .config import load_config
 
-    rule = load_config(args.config).marker_rule(args.marker, **_parse_overrides(args.overrides))
+    config = _config_with_model(args.config, args.model)
+    rule = config.marker_rule(args.marker, **_parse_overrides(args.overrides))
     gen = iter_detect_cells(
-        args.image, args.mpp, rule, args.detector, region=_parse_box(args.region)
+        args.image,
+        args.mpp,
+        rule,
+        args.detector,
+        region=_parse_box(args.region),
+        model=config["detect"]["model"],
     )
     console = _console()
     with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
@@ -457,11 +493,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 def _cmd_score(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    from .config import load_config
     from .outdir import score_output, staged_save
     from .score import iter_score_slide
 
-    config = _with_force_stain(load_config(args.config), args.force_stain)
+    config = _with_force_stain(_config_with_model(args.config, args.model), args.force_stain)
     console = _console()
     # the output is checked and locked before the work; the old files stay until all new ones
     # are written
@@ -608,7 +643,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         result = run_batch(
             args.inputs,
             args.output,
-            config=_with_force_stain(args.config, args.force_stain),
+            config=_with_force_stain(_config_with_model(args.config, args.model), args.force_stain),
             marker=args.marker,
             scheduler=args.scheduler,
             workers=args.workers,

@@ -83,14 +83,16 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 #: What each key means, written above it by :func:`default_config_toml`.
 HELP: dict[tuple[str, str], str] = {
     ("detect", "detector"): '"cnn" or "classical"',
-    ("detect", "model"): "a model folder in tilscore.models",
+    ("detect", "model"): (
+        'a shipped model ("default", "synthetic") or a model folder (tilscore finetune)'
+    ),
     ("detect", "device"): '"auto" (CUDA when present), "cpu", "cuda"',
     ("detect", "tile_size_px"): "tile core at the detector's µm/px",
     ("detect", "halo_px"): "context around each tile (px)",
     ("detect", "tile_workers"): "tiles processed at once in threads; 0 = min(2, CPU count)",
     ("stain", "vectors"): '"estimate" per slide, or "ruifrok" (Ruifrok-Johnston H-DAB)',
     ("stain", "background"): '"estimate" glass I0 per slide, or "white" (255, 255, 255)',
-    ("stain", "check"): 'an image that is clearly not DAB IHC (H&E, fluorescence, greyscale): '
+    ("stain", "check"): "an image that is clearly not DAB IHC (H&E, fluorescence, greyscale): "
     '"refuse" it, or "warn" and score it (--force-stain)',
     ("regions", "margin_width_um"): "invasive margin band in all, half each side of the border",
     (

@@ -203,9 +203,7 @@ def _save_error(command: str, argv: list[str] | None, exc: BaseException, log: l
     raise OSError("no place to save the traceback")
 
 
-def run_command(
-    command: str, fn: Callable[[], int], argv: list[str] | None = None
-) -> int:
+def run_command(command: str, fn: Callable[[], int], argv: list[str] | None = None) -> int:
     """Run ``fn`` (one CLI command) with the failure promises of this module."""
     name = f"tilscore {command}"
     with _quiet(name) as recorder:

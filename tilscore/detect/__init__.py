@@ -39,7 +39,15 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..stain import StainMatrix
     from ..tissue import TissueMask
 
-__all__ = ["DETECTORS", "DetectionSettings", "detect_cells", "iter_detect_cells"]
+__all__ = ["DETECTORS", "DetectionSettings", "detect_cells", "finetune", "iter_detect_cells"]
+
+
+def finetune(images, labels=None, **kwargs):
+    """Fine-tune the CNN detector on labelled fields (:func:`.finetuning.finetune`)."""
+    from .finetuning import finetune as _finetune
+
+    return _finetune(images, labels, **kwargs)
+
 
 #: Detector names accepted by :func:`detect_cells`.
 DETECTORS = ("cnn", "classical")
@@ -543,7 +551,9 @@ def detect_cells(
         Keyword: tile core and halo at the detector's pixel size (px). The halo must exceed a
         nucleus radius plus the cell expansion; the result does not depend on the tile size.
     model, device, detector_params
-        Keyword: CNN model name, torch device ("cpu", "cuda"), extra detector parameters.
+        Keyword: CNN model (a shipped name: "default", "synthetic"; or a model folder such as
+        one written by :func:`finetune`), torch device ("cpu", "cuda"), extra detector
+        parameters.
     workers
         Keyword: tiles processed at once in threads (``None``: :data:`DEFAULT_WORKERS`, at most
         the CPU count; 1: one tile at a time). The result does not depend on it.

@@ -276,15 +276,94 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
+_FOLDER_HINT = (
+    "a model folder holds model.safetensors, config.json and metrics.json as written by "
+    "tilscore finetune or tilscore.detect.train: copy the whole folder again, or reinstall "
+    "tilscore for a shipped model"
+)
+
+
+def model_folder(name: str | Path) -> Path:
+    """The folder of model ``name``: a shipped name ("default", "synthetic") or a path.
+
+    Raises
+    ------
+    ConfigError
+        Neither a shipped model nor a folder holding ``model.safetensors``.
+    """
+    folder = Path(name).expanduser()
+    if (folder / "model.safetensors").is_file():
+        return folder
+    from tilscore.models import available_models, model_dir
+
+    if str(name) in available_models():
+        return model_dir(str(name))
+    if folder.is_dir():
+        raise ConfigError(
+            "the model folder has no model.safetensors", path=folder, hint=_FOLDER_HINT
+        )
+    raise ConfigError(
+        f"unknown model {str(name)!r}: not a shipped model nor a model folder",
+        hint=f"Shipped models: {', '.join(available_models()) or 'none'}; or give the path of "
+        "a folder written by tilscore finetune",
+    )
+
+
+def recorded_sha256(folder: str | Path) -> str | None:
+    """The weights hash a model folder records (config.json, else metrics.json), or None."""
+    folder = Path(folder)
+    for name in ("config.json", "metrics.json"):
+        try:
+            sha = json.loads((folder / name).read_text()).get("weights_sha256")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if sha:
+            return str(sha)
+    return None
+
+
+def check_model(name: str | Path) -> tuple[Path, str]:
+    """Check a model without building it: its folder, config and weights hash.
+
+    Returns
+    -------
+    (folder, sha256)
+
+    Raises
+    ------
+    ConfigError
+        Unknown name, no ``model.safetensors`` or ``config.json``, unreadable config, or
+        weights that differ from the hash the folder records.
+    """
+    folder = model_folder(name)
+    load_config(folder)
+    weights = folder / "model.safetensors"
+    sha = sha256_of(weights)
+    recorded = recorded_sha256(folder)
+    if recorded is not None and recorded != sha:
+        raise ConfigError(
+            f"the weights' sha256 {sha[:12]}… differs from the {recorded[:12]}… recorded "
+            "in the folder: the weights were changed or only partly copied",
+            path=weights,
+            hint=_FOLDER_HINT,
+        )
+    return folder, sha
+
+
 def load_config(folder: str | Path) -> dict[str, Any]:
     """``config.json`` of a model folder merged over :data:`DEFAULT_CONFIG`."""
     path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ConfigError("the model folder has no config.json", path=folder, hint=_FOLDER_HINT)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(
-            f"cannot read the model config: {exc}", path=path, hint="reinstall tilscore"
+            f"cannot read the model config: {exc}", path=path, hint=_FOLDER_HINT
         ) from exc
+    if not isinstance(data, dict):
+        raise ConfigError("the model config is not a JSON object", path=path, hint=_FOLDER_HINT)
+    data.pop("weights_sha256", None)
     return {**DEFAULT_CONFIG, **data}
 
 
@@ -474,8 +553,10 @@ class CNNDetector:
         Parameters
         ----------
         name
-            A model name under ``tilscore.models`` (``"default"``), or a folder holding
-            ``model.safetensors`` and ``config.json``.
+            A model name under ``tilscore.models`` (``"default"``, ``"synthetic"``), or a
+            folder holding ``model.safetensors`` and ``config.json`` (:func:`model_folder`).
+            The weights must match the sha256 the folder records (config.json or
+            metrics.json), else :class:`~tilscore.errors.ConfigError`.
         device
             "cpu", "cuda", "cuda:1" ...; ``None`` or "auto": CUDA when available, else CPU
             (:func:`select_device`). Inference runs in float32, or in bfloat16 autocast where
@@ -485,11 +566,7 @@ class CNNDetector:
         torch = _torch()
         from safetensors.torch import load_file
 
-        folder = Path(name)
-        if not (folder / "model.safetensors").is_file():
-            from tilscore.models import model_dir
-
-            folder = model_dir(str(name))
+        folder, sha = check_model(name)
         config = load_config(folder)
         weights = folder / "model.safetensors"
         device = select_device(device)
@@ -497,14 +574,14 @@ class CNNDetector:
         try:
             state = load_file(str(weights))
             model.load_state_dict(state)
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, ValueError) as exc:
             raise ConfigError(
-                f"cannot load the model weights: {exc}", path=weights, hint="reinstall tilscore"
+                f"cannot load the model weights: {exc}", path=weights, hint=_FOLDER_HINT
             ) from exc
         model.eval()
         fuse_batchnorm(model)
         model = model.to(device=device, memory_format=torch.channels_last)
-        return cls(model, config, str(name), sha256_of(weights), str(device))
+        return cls(model, config, str(name), sha, str(device))
 
     # -- inference --------------------------------------------------------------------------------
 

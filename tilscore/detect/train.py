@@ -1,4 +1,4 @@
-"""Train the CNN nucleus detector on synthetic tiles only (reproducible, CPU).
+"""Train the CNN nucleus detector on synthetic tiles and real labelled fields (reproducible).
 
     python -m tilscore.detect.train --config models/default/train.toml [--out models/default]
 
@@ -162,7 +162,13 @@ def build_pool(cfg: dict[str, Any], log) -> list[dict[str, Any]]:
     """Render (or load from the cache) the training pool."""
     pool = cfg["pool"]
     key = json.dumps(
-        {"pool": pool, "model": cfg["model"], "seed": cfg["seed"], "generator": generator_hash()},
+        {
+            "pool": pool,
+            # only what the targets depend on (not the architecture)
+            "model": {k: cfg["model"].get(k) for k in ("mpp", "output_stride", "heat_sigma_um")},
+            "seed": cfg["seed"],
+            "generator": generator_hash(),
+        },
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -175,11 +181,19 @@ def build_pool(cfg: dict[str, Any], log) -> list[dict[str, Any]]:
         log(f"pool: loaded {n} renders from {cache}")
         return [{k: v[i] for k, v in arrays.items()} for i in range(n)]
     t0 = time.time()
-    items = []
-    for i, s in enumerate(seeds):
-        items.append(render_one(cfg, s))
-        if (i + 1) % 50 == 0:
-            log(f"pool: {i + 1}/{n} renders ({time.time() - t0:.0f} s)")
+    workers = int(cfg.get("train", {}).get("workers", 0))
+    if workers > 1:  # render in processes (each render is independent and seeded)
+        import multiprocessing as mp
+        from functools import partial
+
+        with mp.get_context("fork").Pool(workers) as procs:
+            items = procs.map(partial(render_one, cfg), seeds, chunksize=4)
+    else:
+        items = []
+        for i, s in enumerate(seeds):
+            items.append(render_one(cfg, s))
+            if (i + 1) % 50 == 0:
+                log(f"pool: {i + 1}/{n} renders ({time.time() - t0:.0f} s)")
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(
         cache,
@@ -266,36 +280,6 @@ def augment(
     return out, told
 
 
-def sample_batch(pool, cfg: dict[str, Any], rng: np.random.Generator):
-    """A batch of augmented crops: inputs (N, 3, S, S) float32, heat and class targets."""
-    crop = int(cfg["train"]["crop_px"])
-    stride = int(cfg["model"]["output_stride"])
-    clip = cfg["model"].get("od_clip", [0.0, 2.5])
-    xs, hs, cs = [], [], []
-    for _ in range(int(cfg["train"]["batch_size"])):
-        it = pool[rng.integers(len(pool))]
-        size = it["rgb"].shape[0]
-        oy = int(rng.integers(0, (size - crop) // stride + 1)) * stride
-        ox = int(rng.integers(0, (size - crop) // stride + 1)) * stride
-        rgb = it["rgb"][oy : oy + crop, ox : ox + crop]
-        heat = it["heat"][
-            oy // stride : (oy + crop) // stride, ox // stride : (ox + crop) // stride
-        ]
-        cls = it["cls"][oy // stride : (oy + crop) // stride, ox // stride : (ox + crop) // stride]
-        rgb, told = augment(rgb, it["background"], it["vectors"], cfg["augment"], rng)
-        x = cnn.od_input(rgb, told, clip)
-        k = int(rng.integers(4))
-        flip = rng.random() < 0.5
-        x, heat, cls = (np.rot90(a, k) for a in (x, heat, cls))
-        if flip:
-            x, heat, cls = (a[:, ::-1] for a in (x, heat, cls))
-        xs.append(np.ascontiguousarray(x.transpose(2, 0, 1)))
-        hs.append(np.ascontiguousarray(heat, dtype=np.float32))
-        cs.append(np.ascontiguousarray(cls, dtype=np.int64))
-    return np.stack(xs), np.stack(hs), np.stack(cs)
-
-
-# ------------------------------------------------------------------------------------------------
 # validation
 
 
@@ -395,159 +379,6 @@ def score(detector, tiles, thresholds, radius_um: float = 4.0) -> dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------
-# real data (VALIDATION ONLY: never trained on, never copied into the repository)
-
-
-def _dab_disk_mean(rgb: np.ndarray, xy: np.ndarray, radius_px: float) -> np.ndarray:
-    """Mean DAB OD (Ruifrok vectors, I0 estimated from the image) in a disk around each point."""
-    import warnings
-
-    from scipy import ndimage
-
-    from tilscore.stain import deconvolve, estimate_background
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bg = estimate_background(rgb)
-    dab = deconvolve(rgb, background=bg)[..., 1]
-    if len(xy) == 0:
-        return np.zeros(0)
-    r = math.ceil(radius_px)
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    disk = (xx**2 + yy**2 <= radius_px**2).astype(np.float32)
-    mean = ndimage.correlate(dab, disk / disk.sum(), mode="nearest")
-    cols = np.clip(xy[:, 0].astype(int), 0, rgb.shape[1] - 1)
-    rows = np.clip(xy[:, 1].astype(int), 0, rgb.shape[0] - 1)
-    return mean[rows, cols]
-
-
-def _prf(tp: int, npred: int, ntruth: int) -> dict[str, float]:
-    p = tp / max(npred, 1)
-    r = tp / max(ntruth, 1)
-    return {
-        "precision": round(p, 4),
-        "recall": round(r, 4),
-        "f1": round(2 * p * r / max(p + r, 1e-9), 4),
-        "tp": tp,
-        "n_pred": npred,
-        "n_truth": ntruth,
-    }
-
-
-def validate_real(detector, data_dir: str | Path, dab_threshold: float = 0.15) -> dict[str, Any]:
-    """Detection metrics on the labelled real sets in ``data_dir`` (validation only).
-
-    Positive cells are called by a simple proxy, not the marker pipeline: mean DAB OD in a disk
-    of radius 4 µm around the CNN centre above ``dab_threshold``. Matching radius 4 µm.
-    """
-    import cv2
-    import pandas as pd
-
-    data_dir = Path(data_dir)
-    out: dict[str, Any] = {}
-    mpp = detector.mpp
-    radius = 4.0 / mpp
-    disk = 4.0 / mpp
-
-    def run(rgb):
-        cells, _ = detector.predict(rgb, cnn._quiet_estimate_background(rgb))
-        return cells
-
-    # LYON19 / NuClick CD3-CD8: positives only, ~0.12 µm/px -> downsample x4
-    d = data_dir / "nuclick-ihc-lyon19"
-    if d.is_dir():
-        truth = pd.read_csv(d / "cells.csv")
-        tp_all = tp_pos = npos = nt = 0
-        immune = 0
-        fp_empty = 0
-        for img in sorted((d / "images").glob("*.jpg")):
-            rgb = cv2.cvtColor(cv2.imread(str(img)), cv2.COLOR_BGR2RGB)
-            small = cv2.resize(rgb, (rgb.shape[1] // 4, rgb.shape[0] // 4), cv2.INTER_AREA)
-            cells = run(small)
-            t = truth[truth["image"] == img.name]
-            txy = t[["x", "y"]].to_numpy(float) / 4.0
-            pxy = cells[["x", "y"]].to_numpy(float)
-            pos = _dab_disk_mean(small, pxy, disk) > dab_threshold
-            m = match_count(pxy, txy, radius)
-            tp_all += len(m)
-            immune += int(np.sum(cells["cell_class"].to_numpy()[m[:, 0]] == "immune"))
-            mp = match_count(pxy[pos], txy, radius)
-            tp_pos += len(mp)
-            npos += int(pos.sum())
-            nt += len(txy)
-            if len(txy) == 0:
-                fp_empty += int(pos.sum())
-        out["nuclick-ihc-lyon19"] = {
-            "labels": "DAB+ lymphocytes only (CD3 or CD8); negatives unlabelled",
-            "scale": "~0.12 µm/px effective, downsampled x4 (area) to ~0.5",
-            "recall_any_detection": round(tp_all / max(nt, 1), 4),
-            "positive_cells": _prf(tp_pos, npos, nt),
-            "matched_truth_called_immune": round(immune / max(tp_all, 1), 4),
-            "positive_calls_on_empty_patches": fp_empty,
-        }
-    # DeepLIIF Ki67: positive + negative cells (not every nucleus labelled), ~0.25 µm/px -> x2
-    d = data_dir / "deepliif-ki67" / "labeled"
-    if d.is_dir():
-        tp = npred = nt = tpp = npp = ntp = 0
-        for img in sorted(d.glob("*_ihc.png")):
-            name = img.name[: -len("_ihc.png")]
-            rgb = cv2.cvtColor(cv2.imread(str(img)), cv2.COLOR_BGR2RGB)
-            small = cv2.resize(rgb, (rgb.shape[1] // 2, rgb.shape[0] // 2), cv2.INTER_AREA)
-            t = pd.read_csv(d / f"{name}_cells.csv")
-            txy = t[["x", "y"]].to_numpy(float) / 2.0
-            tpos = (t["class"] == "positive").to_numpy()
-            cells = run(small)
-            pxy = cells[["x", "y"]].to_numpy(float)
-            pos = _dab_disk_mean(small, pxy, 3.0 / mpp) > dab_threshold
-            tp += len(match_count(pxy, txy, radius))
-            npred += len(pxy)
-            nt += len(txy)
-            tpp += len(match_count(pxy[pos], txy[tpos], radius))
-            npp += int(pos.sum())
-            ntp += int(tpos.sum())
-        out["deepliif-ki67"] = {
-            "labels": "Ki67+ and Ki67- nuclei from co-registered mIF; not every nucleus labelled",
-            "scale": "~0.25 µm/px, downsampled x2",
-            "all_cells": _prf(tp, npred, nt),
-            "positive_cells": _prf(tpp, npp, ntp),
-        }
-    # Dlubak Ki67: tumour nuclei points inside an ROI, ~0.5 µm/px (undocumented)
-    d = data_dir / "ki67-points-dlubak" / "labeled"
-    if d.is_dir():
-        rgb = cv2.cvtColor(cv2.imread(str(d / "503-05_image.png")), cv2.COLOR_BGR2RGB)
-        roi = cv2.imread(str(d / "503-05_roi.png"), cv2.IMREAD_GRAYSCALE) > 127
-        t = pd.read_csv(d / "503-05_markers.csv")
-        txy = t[["x", "y"]].to_numpy(float)
-        tpos = (t["type"] == 1).to_numpy()
-        cells = run(rgb)
-        pxy = cells[["x", "y"]].to_numpy(float)
-        inside = roi[
-            np.clip(pxy[:, 1].astype(int), 0, roi.shape[0] - 1),
-            np.clip(pxy[:, 0].astype(int), 0, roi.shape[1] - 1),
-        ]
-        pxy = pxy[inside]
-        cls = cells["cell_class"].to_numpy()[inside]
-        pos = _dab_disk_mean(rgb, pxy, 3.0 / mpp) > dab_threshold
-        m = match_count(pxy, txy, radius)
-        out["ki67-points-dlubak"] = {
-            "labels": "tumour nuclei points (Ki67+/-) inside an ROI; predictions in the ROI only",
-            "scale": "undocumented, used as 0.5 µm/px",
-            "all_cells": _prf(len(m), len(pxy), len(txy)),
-            "positive_cells": _prf(
-                len(match_count(pxy[pos], txy[tpos], radius)), int(pos.sum()), int(tpos.sum())
-            ),
-            "matched_truth_called_tumour": round(
-                float(np.mean(cls[m[:, 0]] == "tumour")) if len(m) else 0.0, 4
-            ),
-        }
-    out["note"] = (
-        "validation only (no training on real data); positives called by a proxy: mean DAB OD "
-        f"> {dab_threshold} in a disk (4 µm CD3/CD8, 3 µm Ki67) at the CNN centre"
-    )
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
 # speed
 
 
@@ -597,78 +428,117 @@ def measure_speed(
 
 
 # ------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# real labelled fields (EndoNuke: CC BY 4.0, may be trained on with attribution)
+
+
+def endonuke_fields(folder: str | Path, hundreds: list[int], *, keep: bool, mpp: float):
+    """EndoNuke tiles as :class:`~tilscore.detect.fit.Field` objects.
+
+    ``keep=True``: the tiles whose ``id // 100`` is in ``hundreds``; ``keep=False``: all others.
+    Points are integer pixel indices in the source (centres at +0.5); their class (stroma,
+    epithelium, other) is not mapped to the network's classes (class loss ignored).
+    """
+    from PIL import Image
+
+    from .fit import Field
+
+    folder = Path(folder)
+    out = []
+    for img in sorted((folder / "images").glob("*.png"), key=lambda p: int(p.stem)):
+        if (int(img.stem) // 100 in hundreds) != keep:
+            continue
+        lab = np.loadtxt(folder / "labels" / f"{img.stem}.txt", ndmin=2).reshape(-1, 3)
+        rgb = np.asarray(Image.open(img).convert("RGB"))
+        bg = cnn._quiet_estimate_background(rgb)
+        out.append(Field(rgb, mpp, lab[:, :2] + 0.5, name=f"endonuke/{img.stem}", background=bg))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # training
 
 
+def _pick_threshold(syn: dict[str, Any], real: dict[str, Any] | None) -> str:
+    """Threshold maximising the mean synthetic F1 (and the real training fields' F1, averaged)."""
+
+    def syn_f1(k):
+        return float(np.mean([v["f1"] for v in syn[k].values()]))
+
+    if real is None:
+        return max(syn, key=syn_f1)
+    return max(syn, key=lambda k: 0.5 * syn_f1(k) + 0.5 * real[k]["f1"])
+
+
 def train(cfg: dict[str, Any], out: Path, log) -> dict[str, Any]:
-    """Run the whole training; returns the metrics written to ``metrics.json``."""
+    """Run the whole training; returns the metrics written to ``metrics.json``.
+
+    ``[train] device`` ("cpu", "cuda", "auto") and ``workers`` (crop-drawing processes) set
+    where it runs; ``[real]`` adds real labelled fields (EndoNuke) to the synthetic pool, with
+    the ``val_hundreds`` id range held out and scored.
+    """
     import torch
 
+    from . import fit
+
     torch.manual_seed(int(cfg["seed"]))
-    torch.set_num_threads(int(cfg["train"].get("threads", 2)))
+    tc = cfg["train"]
+    torch.set_num_threads(int(tc.get("threads", 2)))
+    device = cnn.select_device(tc.get("device", "cpu"))
     t_start = time.time()
     pool = build_pool(cfg, log)
     t_pool = time.time() - t_start
+    real_cfg = cfg.get("real", {})
+    fields, val_fields = [], []
+    if real_cfg.get("endonuke"):
+        hundreds = [int(h) for h in real_cfg.get("val_hundreds", [])]
+        mpp = float(real_cfg.get("mpp", 0.5))
+        fields = endonuke_fields(real_cfg["endonuke"], hundreds, keep=False, mpp=mpp)
+        val_fields = endonuke_fields(real_cfg["endonuke"], hundreds, keep=True, mpp=mpp)
+        log(f"real: {len(fields)} EndoNuke training tiles, {len(val_fields)} held out {hundreds}")
     model_cfg = {**cnn.DEFAULT_CONFIG, **cfg["model"]}
     model = cnn.build_model(model_cfg)
     n_params = cnn.count_parameters(model)
     log(f"model: {n_params} parameters, {model_cfg['widths']} depth {model_cfg.get('depth')}")
-    model = model.to(memory_format=torch.channels_last)
-    tc = cfg["train"]
-    steps = int(tc["steps"])
-    opt = torch.optim.AdamW(model.parameters(), lr=float(tc["lr"]), weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=float(tc["lr"]), total_steps=steps, pct_start=0.1
+    sampler = fit.Sampler(
+        model=model_cfg,
+        augment=cfg["augment"],
+        crop=int(tc["crop_px"]),
+        synthetic=pool,
+        fields=fields,
+        real_p=float(real_cfg.get("real_p", 0.5)),
+        scale_jitter=tuple(real_cfg.get("scale_jitter", [1.0, 1.0])),
     )
-    class_w = torch.tensor(tc.get("class_weights", [0.5, 1.0, 2.0, 2.0]), dtype=torch.float32)
-    rng = np.random.default_rng([int(cfg["seed"]), 99])
-    heat_w = float(tc.get("heat_weight", 4.0))
-    t0 = time.time()
-    max_minutes = float(tc.get("max_minutes", 1e9))
-    done = 0
-    for step in range(steps):
-        x, th, tcl = sample_batch(pool, cfg, rng)
-        xt = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
-        out_t = model(xt)
-        logit = out_t[:, 0]
-        th_t = torch.from_numpy(th)
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logit, th_t, reduction="none")
-        loss_h = (bce * (1.0 + 9.0 * th_t)).mean()
-        loss_c = torch.nn.functional.cross_entropy(out_t[:, 1:], torch.from_numpy(tcl), class_w)
-        loss = heat_w * loss_h + loss_c
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        done = step + 1
-        if step % 50 == 0 or step == steps - 1:
-            el = time.time() - t0
-            log(
-                f"step {step}/{steps} loss {loss.item():.4f} (heat {loss_h.item():.4f} "
-                f"class {loss_c.item():.4f}) lr {sched.get_last_lr()[0]:.2e} {el:.0f} s"
-            )
-        if (time.time() - t0) / 60 > max_minutes:
-            log(f"stopping at step {done}: max_minutes {max_minutes} reached")
-            break
-    t_train = time.time() - t0
-    model.eval()
+    stream = fit.batches(
+        sampler, int(tc["batch_size"]), int(cfg["seed"]), int(tc.get("workers", 0))
+    )
+    hist = fit.fit(
+        model,
+        stream,
+        steps=int(tc["steps"]),
+        lr=float(tc["lr"]),
+        device=device,
+        heat_weight=float(tc.get("heat_weight", 4.0)),
+        class_weights=tc.get("class_weights"),
+        max_minutes=float(tc.get("max_minutes", 1e9)),
+        log=log,
+    )
+    t_train = hist["seconds"]
+    model = model.to("cpu")
     model_cfg = dict(model_cfg)
     sha = cnn.save_weights(model, out, model_cfg)
-    detector = cnn.CNNDetector.load(out, device="cpu")
-    tiles = validation_tiles(cfg)
+    detector = cnn.CNNDetector.load(out, device=device)
     thresholds = [float(t) for t in cfg["validation"]["thresholds"]]
-    res = score(detector, tiles, thresholds)
-
-    def mean_f1(table):
-        return float(np.mean([v["f1"] for v in table.values()]))
-
-    best = max(res, key=lambda k: mean_f1(res[k]))
+    res = score(detector, validation_tiles(cfg), thresholds)
+    real_train = fit.field_scores(detector, fields, thresholds) if fields else None
+    best = _pick_threshold(res, real_train)
     model_cfg["threshold"] = float(best)
     sha = cnn.save_weights(model, out, model_cfg)
     metrics = {
         "weights_sha256": sha,
         "parameters": n_params,
-        "steps_done": done,
+        "steps_done": hist["steps_done"],
+        "device": device,
         "pool_seconds": round(t_pool, 1),
         "train_seconds": round(t_train, 1),
         "threshold": float(best),
@@ -678,9 +548,23 @@ def train(cfg: dict[str, Any], out: Path, log) -> dict[str, Any]:
             "tile_px": cfg["validation"]["tile_px"],
             "radius_um": 4.0,
             "per_marker": res[best],
-            "by_threshold_mean_f1": {k: round(mean_f1(v), 4) for k, v in res.items()},
+            "by_threshold_mean_f1": {
+                k: round(float(np.mean([m["f1"] for m in v.values()])), 4) for k, v in res.items()
+            },
         },
     }
+    if fields:
+        val = fit.field_scores(detector, val_fields, thresholds)
+        metrics["endonuke"] = {
+            "mpp_assumed": float(real_cfg.get("mpp", 0.5)),
+            "val_hundreds": real_cfg.get("val_hundreds", []),
+            "n_train_tiles": len(fields),
+            "n_val_tiles": len(val_fields),
+            "train_by_threshold": real_train,
+            "val_by_threshold": val,
+            "val_at_threshold": val[best],
+        }
+        log(f"EndoNuke validation at {best}: {json.dumps(val[best])}")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(f"threshold {best}: {json.dumps(res[best])}")
     log(f"wrote {out} (sha256 {sha}); train {t_train:.0f} s, pool {t_pool:.0f} s")
@@ -694,13 +578,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output folder (default: the config's folder)")
     ap.add_argument("--steps", type=int, default=None, help="override train.steps (smoke runs)")
     ap.add_argument("--renders", type=int, default=None, help="override pool.n_renders")
-    ap.add_argument(
-        "--validate-real",
-        metavar="DATA_DIR",
-        default=None,
-        help="only evaluate the trained model in --out on the labelled real sets in DATA_DIR "
-        "and add the results to metrics.json (no training)",
-    )
+    ap.add_argument("--device", default=None, help="override train.device (cpu, cuda, auto)")
+    ap.add_argument("--workers", type=int, default=None, help="override train.workers")
+    ap.add_argument("--max-minutes", type=float, default=None, help="override train.max_minutes")
+    ap.add_argument("--endonuke", default=None, help="override real.endonuke (folder)")
     ap.add_argument(
         "--speed",
         action="store_true",
@@ -712,6 +593,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg["train"]["steps"] = args.steps
     if args.renders is not None:
         cfg["pool"]["n_renders"] = args.renders
+    if args.device is not None:
+        cfg["train"]["device"] = args.device
+    if args.workers is not None:
+        cfg["train"]["workers"] = args.workers
+    if args.max_minutes is not None:
+        cfg["train"]["max_minutes"] = args.max_minutes
+    if args.endonuke is not None:
+        cfg.setdefault("real", {})["endonuke"] = args.endonuke
     out = Path(args.out) if args.out else Path(args.config).parent
 
     def log(msg: str) -> None:
@@ -728,15 +617,6 @@ def main(argv: list[str] | None = None) -> int:
         path = out / "metrics.json"
         metrics = json.loads(path.read_text()) if path.is_file() else {}
         metrics.update(res)
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
-        log(json.dumps(res, indent=2))
-        return 0
-    if args.validate_real:
-        detector = cnn.CNNDetector.load(out, device="cpu")
-        res = validate_real(detector, args.validate_real)
-        path = out / "metrics.json"
-        metrics = json.loads(path.read_text()) if path.is_file() else {}
-        metrics["real_validation"] = res
         path.write_text(json.dumps(metrics, indent=2) + "\n")
         log(json.dumps(res, indent=2))
         return 0
