@@ -310,6 +310,9 @@ def test_cli_finetune(tmp_path, field, capsys):
     one_label = [*args[:-2], "-o", str(tmp_path / "x"), "--labels", str(tmp_path / "f0.csv")]
     assert cli_main(one_label) == 2
     assert "label files" in capsys.readouterr().err
+    no_export = ["finetune", "--reviewed", str(tmp_path), "-o", str(tmp_path / "y")]
+    assert cli_main(no_export) == 2
+    assert "not a label export" in capsys.readouterr().err
 
 
 def test_fields_given_directly_skip_reading(field, tmp_path):

@@ -391,6 +391,50 @@ def test_corrections_export_as_finetuning_labels(scored, tmp_path):
         export_labels([unreviewed], tmp_path / "labels2")
 
 
+def test_exported_labels_become_fields_and_a_fine_tuned_model(scored, tmp_path):
+    """The review's corrections train the detector: the export is read back as fields around
+    the edits (cells at the right place of each field) and tilscore.detect.finetune takes them."""
+    from tilscore.detect import finetune
+    from tilscore.detect.labels import read_label_export
+
+    review = Review(scored, user="pat")
+    review.set_positive([0, 1, 2])
+    review.add_cell(2000, 1500, positive=True, cell_class="immune")
+    review.save(tmp_path / "a")
+    export_labels([tmp_path / "a"], tmp_path / "labels")
+    images, labels, mpps = read_label_export(tmp_path / "labels", field_um=128)
+    assert len(images) == len(labels) >= 2
+    assert set(mpps) == {0.5}
+    x0, y0, w, h = json.loads((tmp_path / "labels" / "labels.json").read_text())["slides"][0][
+        "edited_box_px"
+    ]
+    n_box = sum(len(t) for t in labels)
+    cells = scored.cells
+    grow = 32 / scored.mpp
+    inside = cells[
+        cells["x"].between(x0 - grow, x0 + w + grow) & cells["y"].between(y0 - grow, y0 + h + grow)
+    ]
+    assert len(inside) + 1 >= n_box >= len(inside) - 5  # the box's cells (+ the added one)
+    for rgb, table in zip(images, labels):
+        assert rgb.dtype == np.uint8
+        assert rgb.ndim == 3
+        assert table["x"].between(0, rgb.shape[1]).all()
+        assert table["y"].between(0, rgb.shape[0]).all()
+        # a labelled nucleus is darker than the field's glass-and-stroma median
+        ys, xs = (
+            table["y"].astype(int).clip(0, rgb.shape[0] - 1),
+            table["x"].astype(int).clip(0, rgb.shape[1] - 1),
+        )
+        assert np.median(rgb[ys, xs].sum(1)) < np.median(rgb.reshape(-1, 3).sum(1))
+    res = finetune(
+        images, labels, out=tmp_path / "model", base_model="synthetic", mpp=mpps, steps=2,
+        batch_size=2, crop_px=96, val_every=1,
+    )  # fmt: skip
+    assert (res.folder / "model.safetensors").is_file()
+    with pytest.raises(TilscoreError, match="not a label export"):
+        read_label_export(tmp_path / "a")
+
+
 def test_batch_and_cohort_use_the_reviewed_summary(scored, tmp_path):
     from tilscore.batch import BatchItem, _write_outputs
     from tilscore.cohort import load_cohort
@@ -402,7 +446,7 @@ def test_batch_and_cohort_use_the_reviewed_summary(scored, tmp_path):
     review.set_positive(_in(scored.cells, "intratumoral", False)[:4], True)
     review.save(out / "s2")
     items = [BatchItem(path=Path(f"{sid}.tif"), marker="CD8", slide_id=sid) for sid in ("s1", "s2")]
-    summary_path, _, _ = _write_outputs(out, items, items, [])
+    summary_path, *_ = _write_outputs(out, items, items, [])
     table = pd.read_csv(summary_path)
     which = table.groupby("slide_id")["summary_from"].first().to_dict()
     assert which == {"s1": "scored", "s2": "reviewed"}

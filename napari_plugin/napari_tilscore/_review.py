@@ -17,6 +17,7 @@ is exported (or when it was opened from a result folder) each edit is appended t
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -462,16 +463,22 @@ class ReviewBox(QGroupBox):
             )
         if self._ft_worker is not None or self.owner.worker is not None:
             raise RuntimeError("a run is in progress; cancel it first")
+        stop = threading.Event()
         worker = create_worker(
-            model.finetune_corrections, [self.review], labels_dir, model_dir, _start_thread=False
+            model.finetune_corrections,
+            [self.review],
+            labels_dir,
+            model_dir,
+            stop=stop,
+            _start_thread=False,
         )
         worker.yielded.connect(self.owner._on_progress_text)
-        worker.returned.connect(lambda out: self._use_model(out or model_dir))
+        worker.returned.connect(lambda out: out is not None and self._use_model(out))
         worker.errored.connect(_show_exception)
         worker.finished.connect(self._ft_finished)
         self._ft_worker = worker
         self.owner.cancel_btn.setEnabled(True)
-        self.owner._cancel_extra = worker.quit
+        self.owner._cancel_extra = lambda: (stop.set(), worker.quit())
         worker.start()
         return worker
 

@@ -477,19 +477,29 @@ def finetune_function() -> Any:
 
 
 def finetune_corrections(
-    reviews: Sequence[Any], labels_dir: str | Path, model_dir: str | Path
+    reviews: Sequence[Any],
+    labels_dir: str | Path,
+    model_dir: str | Path,
+    stop: Any = None,
+    **options: Any,
 ) -> Generator[tuple[str, int, int], None, Any]:
     """Export the reviews' corrected cells as labels, then fine-tune the detector on them.
 
-    Yields ``(stage, done, total)`` for a napari worker (quitting it stops between steps);
-    returns what ``tilscore.detect.finetune`` returns (the new model). The call is
-    ``finetune(labels_dir / "labels.json", out=model_dir)``; a generator is driven step by step.
+    The labels (:func:`tilscore.results.export_labels`) are read back as fields around each
+    review's edits (:func:`tilscore.detect.labels.read_label_export`) and passed to
+    ``tilscore.detect.finetune(images, labels, out=model_dir, mpp=..., **options)``, which runs
+    in a thread. Yields ``(stage, done, total)`` for a napari worker; closing the generator
+    (quitting the worker) cancels the fine-tune, which then writes no folder. Returns the new
+    model folder.
 
     Raises
     ------
     tilscore.errors.TilscoreError
-        Fine-tuning is not in this version of tilscore.
+        Fine-tuning is not in this version of tilscore, or the labels cannot be used.
     """
+    import queue
+    import threading
+
     from tilscore.errors import TilscoreError
     from tilscore.results import export_labels
 
@@ -502,11 +512,45 @@ def finetune_corrections(
         )
     yield "labels", 0, 1
     export_labels(list(reviews), labels_dir)
+    from tilscore.detect.labels import read_label_export
+
+    images, labels, mpps = read_label_export(labels_dir)
     yield "labels", 1, 1
-    out = fn(Path(labels_dir) / "labels.json", out=Path(model_dir))
-    if isinstance(out, Generator):
-        out = yield from out
-    return out
+    steps = int(options.get("steps", 600))
+    events: queue.Queue = queue.Queue()
+    stop = stop if stop is not None else threading.Event()
+    outcome: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            outcome["result"] = fn(
+                images,
+                labels,
+                out=Path(model_dir),
+                mpp=mpps,
+                progress=lambda step, total, _info: events.put((step, total)),
+                cancel=stop.is_set,
+                **options,
+            )
+        except BaseException as e:  # handed to the caller's thread below
+            outcome["error"] = e
+        finally:
+            events.put(None)
+
+    thread = threading.Thread(target=work, name="tilscore-finetune", daemon=True)
+    thread.start()
+    try:
+        while (item := events.get()) is not None:
+            yield "fine-tuning", int(item[0]), int(item[1] or steps)
+    finally:  # also when the worker is quit: the fine-tune stops at its next step
+        stop.set()
+        thread.join()
+    if "error" in outcome:
+        if stop.is_set():  # cancelled by the user: no folder, no error
+            return None
+        raise outcome["error"]
+    result = outcome.get("result")
+    return getattr(result, "folder", None) or Path(model_dir)
 
 
 # -------------------------------------------------------------------------------- session ---

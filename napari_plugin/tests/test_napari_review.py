@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -399,11 +400,11 @@ def test_finetune_runs_in_a_worker_with_progress(reviewing, monkeypatch, tmp_pat
     seen = _notifications(monkeypatch)
     calls = []
 
-    def fake_finetune(labels, out):
-        calls.append((Path(labels), Path(out)))
+    def fake_finetune(images, labels, *, out, mpp, progress, cancel):
+        calls.append((len(images), [len(t) for t in labels], mpp, Path(out)))
         for i in range(3):
-            yield "finetune", i + 1, 3
-        return out
+            progress(i + 1, 3, {})
+        return SimpleNamespace(folder=Path(out))
 
     monkeypatch.setattr(model, "finetune_function", lambda: fake_finetune)
     _cells(widget.viewer).selected_data = {0}
@@ -411,9 +412,43 @@ def test_finetune_runs_in_a_worker_with_progress(reviewing, monkeypatch, tmp_pat
     worker = widget.review_box.finetune(tmp_path / "labels", tmp_path / "model")
     assert worker is not None
     qtbot.waitUntil(lambda: widget.review_box._ft_worker is None, timeout=10_000)
-    assert calls == [(tmp_path / "labels" / "labels.json", tmp_path / "model")]
-    assert widget.status_label.text() == "finetune: 3/3"
+    ((n, sizes, mpp, out),) = calls
+    assert (tmp_path / "labels" / "labels.json").is_file()
+    assert n == len(sizes) >= 1  # fields cut around the edit, each with its cells
+    assert min(sizes) >= 1
+    assert mpp == [0.5] * n
+    assert out == tmp_path / "model"
+    assert widget.status_label.text() == "fine-tuning: 3/3"
     assert any("fine-tuned model" in m for m in seen["info"])  # offered for the next Score
+
+
+def test_cancel_stops_the_finetune(reviewing, monkeypatch, tmp_path, qtbot):
+    import threading
+
+    from napari_tilscore import model
+
+    _, widget = reviewing
+    _notifications(monkeypatch)
+    running, stopped = threading.Event(), threading.Event()
+
+    def slow_finetune(images, labels, *, out, mpp, progress, cancel):
+        step = 0
+        while not cancel():
+            step += 1
+            progress(step, 10_000, {})
+            running.set()
+            threading.Event().wait(0.01)
+        stopped.set()
+        raise RuntimeError("cancelled")  # as tilscore's fit raises Cancelled
+
+    monkeypatch.setattr(model, "finetune_function", lambda: slow_finetune)
+    _cells(widget.viewer).selected_data = {0}
+    widget.review_box.set_positive(None)
+    widget.review_box.finetune(tmp_path / "labels", tmp_path / "model")
+    qtbot.waitUntil(running.is_set, timeout=10_000)
+    widget.cancel_btn.click()
+    qtbot.waitUntil(lambda: widget.review_box._ft_worker is None, timeout=10_000)
+    assert stopped.is_set()
 
 
 def test_screenshot_of_a_reviewed_slide(reviewing, qtbot, tmp_path):

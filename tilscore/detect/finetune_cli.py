@@ -29,6 +29,13 @@ def add_finetune_parser(sub) -> None:
     p.add_argument(
         "--pairs", type=Path, default=None, metavar="CSV", help="columns image, labels [, mpp]"
     )
+    p.add_argument(
+        "--reviewed",
+        type=Path,
+        default=None,
+        metavar="LABELS_DIR",
+        help="reviewed corrections exported from napari (Export labels…): fields around the edits",
+    )
     p.add_argument("--mpp", type=float, default=None, help="µm/px of the images (all)")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="model folder")
     p.add_argument("--base-model", default="default", metavar="NAME|PATH")
@@ -70,8 +77,18 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         images += im
         labels += lab
         mpps += [m if m is not None else args.mpp for m in mp]
+    if args.reviewed is not None:
+        from .labels import read_label_export
+
+        im, lab, mp = read_label_export(args.reviewed)
+        images += im
+        labels += lab
+        mpps += mp
     if not images:
-        raise ConfigError("no images given", hint="tilscore finetune IMG... --labels FILE...")
+        raise ConfigError(
+            "no images given",
+            hint="tilscore finetune IMG... --labels FILE..., or --reviewed LABELS_DIR",
+        )
     if len(labels) != len(images):
         raise ConfigError(
             f"{len(images)} images but {len(labels)} label files",

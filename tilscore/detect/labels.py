@@ -302,3 +302,76 @@ def check_labels(labels: pd.DataFrame, shape: tuple[int, int], name: str) -> Non
             "that corner is labelled, crop the image to it: unlabelled cells would be "
             "learned as background",
         )
+
+
+def read_label_export(
+    folder: str | os.PathLike,
+    *,
+    mpp: float = 0.5,
+    field_um: float = 256.0,
+    margin_um: float = 32.0,
+) -> tuple[list[np.ndarray], list[pd.DataFrame], list[float]]:
+    """Images, labels and µm/px for :func:`~tilscore.detect.finetune` from reviewed cells.
+
+    ``folder`` is what :func:`tilscore.results.export_labels` (napari's *Export labels…*)
+    writes: ``labels.json`` and one CSV of level-0 px per slide. From each slide the box that
+    holds the review's edits, grown by ``margin_um`` (at least one ``field_um`` square), is read
+    at ``mpp`` and cut into fields of at most ``field_um``; each field keeps the cells inside it
+    (fields without a cell are left out). Every cell the detector found there and the reviewer
+    kept, added or re-called is a label: review a box completely before fine-tuning on it.
+
+    Raises
+    ------
+    LabelError
+        No ``labels.json``, a slide that cannot be opened, or no field with a cell.
+    """
+    from ..slide import open_slide
+
+    folder = Path(folder)
+    manifest_path = folder / "labels.json" if folder.is_dir() else folder
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        entries = list(manifest["slides"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LabelError(
+            f"not a label export ({exc.__class__.__name__}: {exc})",
+            path=manifest_path,
+            hint="write one with Export labels… in napari or tilscore.results.export_labels",
+        ) from None
+    images: list[np.ndarray] = []
+    tables: list[pd.DataFrame] = []
+    for entry in entries:
+        table = read_labels(manifest_path.parent / entry["labels"])
+        slide = open_slide(entry["slide"], mpp=entry.get("mpp"))
+        width, height = slide.dimensions
+        scale = mpp / slide.mpp  # level-0 px per field px
+        box = entry.get("edited_box_px") or [0, 0, width, height]
+        grow = margin_um / slide.mpp
+        side = field_um / slide.mpp
+        x0, y0 = max(0.0, box[0] - grow), max(0.0, box[1] - grow)
+        x1 = min(float(width), max(box[0] + box[2] + grow, x0 + side))
+        y1 = min(float(height), max(box[1] + box[3] + grow, y0 + side))
+        nx, ny = max(1, round((x1 - x0) / side)), max(1, round((y1 - y0) / side))
+        xs, ys = np.linspace(x0, x1, nx + 1), np.linspace(y0, y1, ny + 1)
+        for i in range(ny):
+            for j in range(nx):
+                bx, by = xs[j], ys[i]
+                bw, bh = xs[j + 1] - bx, ys[i + 1] - by
+                inside = table[
+                    (table["x"] >= bx) & (table["x"] < bx + bw)
+                    & (table["y"] >= by) & (table["y"] < by + bh)
+                ].copy()  # fmt: skip
+                if inside.empty:
+                    continue
+                rgb = slide.read_at_mpp(bx, by, bw, bh, mpp=mpp)
+                inside["x"] = ((inside["x"] - bx) / scale).clip(0, rgb.shape[1])
+                inside["y"] = ((inside["y"] - by) / scale).clip(0, rgb.shape[0])
+                images.append(rgb)
+                tables.append(inside.reset_index(drop=True))
+    if not images:
+        raise LabelError(
+            "no reviewed cell in the label export",
+            path=manifest_path,
+            hint="review (and keep) some cells before fine-tuning",
+        )
+    return images, tables, [float(mpp)] * len(images)
