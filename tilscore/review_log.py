@@ -25,6 +25,7 @@ from .errors import TilscoreError, TilscoreWarning
 __all__ = [
     "ACTIONS",
     "REVIEW_FILE",
+    "AuditTrailFile",
     "EditRecord",
     "ReviewError",
     "cells_fingerprint",
@@ -209,3 +210,107 @@ def read_review_log(path: str | os.PathLike) -> tuple[dict[str, Any], list[EditR
     for n, data in parsed[1:]:
         records.append(EditRecord.from_dict(data, where=f"{path}: line {n}: "))
     return header, records
+
+
+class AuditTrailFile:
+    """The part of :class:`~tilscore.review.Review` that keeps ``review.jsonl`` in step with
+    its edits (attach, append and flush, pending edits). Expects ``base``, ``records``,
+    ``n_scored``, ``fingerprint``, ``folder`` and ``_written`` on the instance."""
+
+    def header(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "type": "review",
+            "schema": SCHEMA,
+            "tilscore_version": __version__,
+            "slide_id": self.base.slide_id,
+            "marker": self.base.marker,
+            "n_cells": self.n_scored,
+            "cells_xy_sha256": self.fingerprint,
+            "created": _now(),
+        }
+
+    def attach(self, folder: str | os.PathLike) -> None:
+        """Append every edit to ``folder/review.jsonl`` from now on (records so far included).
+
+        Raises
+        ------
+        ReviewError
+            The folder's review.jsonl belongs to other cells, or holds edits this review does
+            not (they would be lost): load the folder's review instead.
+        """
+        folder = Path(folder)
+        path = folder / REVIEW_FILE
+        if path.exists():
+            header, records = read_review_log(path)
+            self._check_header(header, path)
+            mine = [r.to_dict() for r in self.records[: len(records)]]
+            if [r.to_dict() for r in records] != mine:
+                raise ReviewError(
+                    f"holds {len(records)} edits that are not this review's",
+                    path=path,
+                    hint="Open the folder's review (File > Open the result folder, or "
+                    "tilscore.results.load_review) to continue it; nothing was overwritten",
+                )
+            self._written = len(records)
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._written = -1  # header first
+        self.folder = folder
+        self._flush()
+
+    def _flush(self) -> None:
+        """Append the records not yet in ``folder/review.jsonl`` (the header first on a new
+        file), flushed to disk. A failure leaves them pending for the next edit or save.
+
+        Raises
+        ------
+        ReviewError
+            The log cannot be written (disk full, no permission...): the edit is applied and
+            kept in memory, not yet on disk.
+        """
+        from .results import cut_partial_line
+
+        path = self.folder / REVIEW_FILE
+        header = self._written < 0
+        done = max(self._written, 0)
+        lines = [json.dumps(self.header())] if header else []
+        lines += [json.dumps(r.to_dict(), default=_json_default) for r in self.records[done:]]
+        if not lines:
+            return
+        try:
+            if path.is_file():
+                cut_partial_line(path)  # a line cut short by an earlier failure stays apart
+            with open(path, "a", encoding="utf-8") as fh:
+                fh.write("".join(line + "\n" for line in lines))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise ReviewError(
+                f"the edit is applied but could not be written to the audit trail ({exc})",
+                path=path,
+                hint="Free disk space or fix the folder's permissions; pending edits are written "
+                "with the next edit, or Export… to another folder",
+            ) from None
+        self._written = len(self.records)
+
+    @property
+    def pending(self) -> int:
+        """Edits in no folder's review.jsonl yet (all of them when no folder is attached)."""
+        if self.folder is None:
+            return len(self.records)
+        return len(self.records) - max(self._written, 0)
+
+    def _check_header(self, header: dict[str, Any], path: Path) -> None:
+        if (
+            header.get("n_cells") != self.n_scored
+            or header.get("cells_xy_sha256") != self.fingerprint
+        ):
+            raise ReviewError(
+                "was written for other cells than the folder's cells.parquet (the slide was "
+                "scored again after the review?)",
+                path=path,
+                hint="Move review.jsonl away to start a new review of these cells, or restore "
+                "the cells it was made on",
+            )
