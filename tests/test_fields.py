@@ -72,6 +72,53 @@ def test_score_image_counts_what_detect_cells_finds(shared_data):
         )
 
 
+def test_batch_of_fields_with_a_default_pixel_size(shared_data, tmp_path):
+    """A folder of exported PNG fields (no µm/px in the file) is a batch with --mpp: each field
+    counts what score_image counts; a file's own µm/px is kept; without --mpp the PNGs are not
+    taken and a TIFF without resolution is reported, not guessed."""
+    import json
+    import shutil
+
+    import pandas as pd
+    import tifffile
+
+    from tilscore.batch import run_batch
+
+    cases = list(real_sets.deepliif_cases(shared_data))[:2]
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for case in cases:
+        shutil.copy(case["path"], folder / case["path"].name)
+    tifffile.imwrite(folder / "nompp.tif", cases[0]["image"])  # no resolution tags
+    shutil.copy(
+        Path(__file__).resolve().parents[1] / "example_slides" / "synthetic_cd8.tif",
+        folder / "own_mpp.tif",
+    )
+    fast = {"output": {"overlay": False, "heatmap": False, "report": False}}
+    report = run_batch(
+        [folder], tmp_path / "out", config=fast, marker="Ki67", processes=False, workers=1,
+        mpp=0.25,
+    )  # fmt: skip
+    ids = {c["path"].stem for c in cases}
+    assert set(report.done) == ids | {"nompp", "own_mpp"}
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    tissue = summary[summary["compartment"] == "tissue"].set_index("slide_id")
+    for case in cases:
+        want = tilscore.score_image(case["image"], mpp=0.25, marker="Ki67").row("tissue")
+        assert tissue.loc[case["path"].stem, "n_cells"] == want["n_cells"]
+    done = json.loads((tmp_path / "out" / "own_mpp" / "batch.json").read_text())
+    assert done["mpp"] == pytest.approx(0.5)  # the file's, not --mpp
+    done = json.loads((tmp_path / "out" / "nompp" / "batch.json").read_text())
+    assert (done["mpp"], done["mpp_source"]) == (0.25, "user")
+    again = run_batch(
+        [folder], tmp_path / "out2", config=fast, marker="Ki67", processes=False, workers=1
+    )
+    assert set(again.done) == {"own_mpp"}
+    assert {r["slide_id"]: r["error_type"] for r in again.failed} == {
+        "nompp": "MissingPixelSizeError"
+    }
+
+
 def test_roi_drawn_as_tumour_is_scored_as_drawn(shared_data):
     """dlubak's tumour ROI as a Tumor annotation: the intratumoral row counts the nests' cells."""
     case = next(real_sets.dlubak_cases(shared_data))

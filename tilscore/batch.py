@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, TilscoreError, TilscoreWarning
+from .errors import ConfigError, MissingPixelSizeError, TilscoreError, TilscoreWarning
 from .progress import run_to_end
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,8 +75,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: File suffixes a folder search takes as slides (lower case). Plain PNG/JPEG images carry no
-#: µm/px and are taken only when named on the command line or in a manifest. A folder holding
-#: ``.dcm`` files is one DICOM slide.
+#: µm/px and are taken only when named on the command line or in a manifest, or when the batch
+#: is given a default µm/px (:data:`IMAGE_SUFFIXES`). A folder holding ``.dcm`` files is one
+#: DICOM slide.
 SLIDE_SUFFIXES = (
     ".svs",
     ".tif",
@@ -89,6 +90,9 @@ SLIDE_SUFFIXES = (
     ".vmu",
     ".svslide",
 )
+
+#: Plain images a folder search takes too when the batch has a default µm/px (``--mpp``).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 #: Names in OUT that a slide folder may not take.
 _RESERVED = {"cells", "summary.csv", "errors.csv", "config.toml", "batch.json"}
@@ -118,7 +122,10 @@ class BatchItem:
     regions
         Regions file (QuPath GeoJSON), or None for automatic regions.
     mpp
-        Level-0 µm/px overriding the file's, or None.
+        Level-0 µm/px overriding the file's (from the manifest), or None.
+    mpp_default
+        Level-0 µm/px for a file that records none (PNG, JPEG, a TIFF without resolution),
+        from ``--mpp``; None: such a file is an error.
     meta
         The manifest's other columns (patient, timepoint, extras), carried into the summary.
     error
@@ -134,6 +141,7 @@ class BatchItem:
     marker_source: str | None = None
     regions: Path | None = None
     mpp: float | None = None
+    mpp_default: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     error: tuple[str, str] | None = None
     source: str = "argument"
@@ -151,7 +159,9 @@ def _slide_stem(path: Path) -> str:
     return path.stem if path.is_file() or path.suffix else name
 
 
-def _walk_slides(folder: Path, skip: Path | None) -> Iterator[Path]:
+def _walk_slides(
+    folder: Path, skip: Path | None, suffixes: tuple[str, ...] = SLIDE_SUFFIXES
+) -> Iterator[Path]:
     """Slides under ``folder`` (recursive, sorted, hidden entries and ``skip`` left out)."""
     for root, dirs, files in os.walk(folder):
         here = Path(root)
@@ -165,7 +175,7 @@ def _walk_slides(folder: Path, skip: Path | None) -> Iterator[Path]:
             dirs[:] = []
             continue
         for f in sorted(files):
-            if not f.startswith(".") and f.lower().endswith(SLIDE_SUFFIXES):
+            if not f.startswith(".") and f.lower().endswith(suffixes):
                 yield here / f
 
 
@@ -221,7 +231,10 @@ def _read_manifest(path: Path) -> list[BatchItem]:
 
 
 def discover_slides(
-    inputs: Iterable[str | os.PathLike], *, exclude: str | os.PathLike | None = None
+    inputs: Iterable[str | os.PathLike],
+    *,
+    exclude: str | os.PathLike | None = None,
+    mpp: float | None = None,
 ) -> list[BatchItem]:
     """The slides named by any mix of folders, files and manifest CSVs.
 
@@ -234,6 +247,9 @@ def discover_slides(
         optional; relative paths are resolved against the manifest's folder).
     exclude
         A folder not to search (the batch's output folder when it lies inside an input).
+    mpp
+        Default µm/px for files that record none (``mpp_default`` of every item); with it a
+        folder search also takes PNG and JPEG images (:data:`IMAGE_SUFFIXES`).
 
     Returns
     -------
@@ -247,6 +263,7 @@ def discover_slides(
         An input does not exist, or a manifest cannot be read or has no ``path`` column.
     """
     skip = Path(exclude).resolve() if exclude is not None else None
+    suffixes = SLIDE_SUFFIXES + (IMAGE_SUFFIXES if mpp is not None else ())
     items: list[BatchItem] = []
     seen: dict[Path, int] = {}
     for raw in inputs:
@@ -255,7 +272,8 @@ def discover_slides(
             raise ConfigError("no such file or folder", path=path, hint="Check the path")
         if path.is_dir() and not any(p.suffix.lower() == ".dcm" for p in path.iterdir()):
             found = [
-                BatchItem(path=p.resolve(), source=str(path)) for p in _walk_slides(path, skip)
+                BatchItem(path=p.resolve(), source=str(path))
+                for p in _walk_slides(path, skip, suffixes)
             ]
         elif path.is_file() and _is_manifest(path):
             found = _read_manifest(path)
@@ -275,6 +293,8 @@ def discover_slides(
                     TilscoreWarning,
                     stacklevel=2,
                 )
+    for item in items:
+        item.mpp_default = mpp
     return items
 
 
@@ -399,6 +419,7 @@ def plan_batch(
     config: Any = None,
     marker: str | None = None,
     exclude: str | os.PathLike | None = None,
+    mpp: float | None = None,
 ) -> list[BatchItem]:
     """Discover the slides, give them ids, markers and regions files (see :func:`run_batch`).
 
@@ -407,7 +428,7 @@ def plan_batch(
     cfg = _load_config(config)
     if marker is not None:
         marker = _canonical_marker(cfg, marker)  # a wrong --marker is a usage error
-    items = discover_slides(inputs, exclude=exclude)
+    items = discover_slides(inputs, exclude=exclude, mpp=mpp)
     assign_slide_ids(items)
     for item in items:
         if item.error is None and not item.path.exists():
@@ -501,6 +522,8 @@ def slide_key(item: BatchItem, config_hash: str, mode: str = "fast") -> str:
         "mpp": item.mpp,
         "config": config_hash,
     }
+    if item.mpp_default is not None:  # a run without --mpp keeps its earlier keys
+        record["mpp_default"] = item.mpp_default
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
@@ -644,6 +667,19 @@ def _time_limit(limit_s: float, path: Path) -> Iterator[Callable[[Any], None]]:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(tid), None)
 
 
+def _score_gen(item: BatchItem, config: Any, mpp: float | None):
+    from .score import iter_score_slide
+
+    return iter_score_slide(
+        item.path,
+        marker=item.marker,
+        regions=item.regions,
+        config=config,
+        mpp=mpp,
+        slide_id=item.slide_id,
+    )
+
+
 def score_one(
     item: BatchItem,
     out: str | os.PathLike,
@@ -660,7 +696,6 @@ def score_one(
     leaves the process's settings, e.g. on a cluster whose workers set them).
     """
     from .failsafe import kept_logs
-    from .score import iter_score_slide
 
     out = Path(out)
     logs = None
@@ -670,16 +705,13 @@ def score_one(
     try:
         _set_threads(threads)
         limit = float(batch_settings(config).get("slide_time_limit_s") or 0)
-        gen = iter_score_slide(
-            item.path,
-            marker=item.marker,
-            regions=item.regions,
-            config=config,
-            mpp=item.mpp,
-            slide_id=item.slide_id,
-        )
         with _time_limit(limit, item.path) as check, kept_logs() as logs:
-            result = run_to_end(gen, check)
+            try:
+                result = run_to_end(_score_gen(item, config, item.mpp), check)
+            except MissingPixelSizeError:
+                if item.mpp is not None or item.mpp_default is None:
+                    raise
+                result = run_to_end(_score_gen(item, config, item.mpp_default), check)
         tmp.mkdir(parents=True)
         result.save(tmp, config=config)
         seconds = time.perf_counter() - t0
@@ -690,7 +722,8 @@ def score_one(
             "marker": item.marker,
             "marker_source": item.marker_source,
             "regions": str(item.regions) if item.regions else None,
-            "mpp": item.mpp,
+            "mpp": result.mpp,
+            "mpp_source": result.provenance["slide"].get("mpp_source"),
             "meta": item.meta,
             "seconds": round(seconds, 3),
             "host": socket.gethostname(),
@@ -935,6 +968,7 @@ def iter_batch(
     threads_per_worker: int | None = None,
     processes: bool = True,
     force: bool = False,
+    mpp: float | None = None,
 ) -> Generator[BatchEvent, None, BatchReport]:
     """Run a batch, yielding a :class:`BatchEvent` per slide; returns the :class:`BatchReport`.
 
@@ -957,7 +991,7 @@ def iter_batch(
     check_output_dir(out, "batch output folder")
     out.mkdir(parents=True, exist_ok=True)
     refuse_other_kind(out, "batch")
-    items = plan_batch(inputs, config=cfg, marker=marker, exclude=out)
+    items = plan_batch(inputs, config=cfg, marker=marker, exclude=out, mpp=mpp)
     if not items:
         raise ConfigError(
             "no slides found",
@@ -1261,6 +1295,7 @@ def run_batch(
     threads_per_worker: int | None = None,
     processes: bool = True,
     force: bool = False,
+    mpp: float | None = None,
     on_event: Callable[[BatchEvent], None] | None = None,
 ) -> BatchReport:
     """Score every slide of folders, files and manifests on Dask; resumable and fault-tolerant.
@@ -1289,6 +1324,10 @@ def run_batch(
         LocalCluster workers as processes (True) or threads of this process.
     force
         Score every slide again, even those done with the same key.
+    mpp
+        Level-0 µm/px of the files that record none (PNG and JPEG fields, a TIFF without
+        resolution) and that no manifest ``mpp`` gives; with it a folder search also takes
+        ``.png``, ``.jpg`` and ``.jpeg``. A file's own µm/px is kept.
     on_event
         Called with each :class:`BatchEvent` (progress).
 
@@ -1308,5 +1347,6 @@ def run_batch(
         threads_per_worker=threads_per_worker,
         processes=processes,
         force=force,
+        mpp=mpp,
     )
     return run_to_end(gen, on_event)

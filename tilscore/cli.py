@@ -279,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads-per-worker", type=_positive_int, default=None, help="slides at once per worker"
     )
     p.add_argument("--force", action="store_true", help="score every slide again")
+    p.add_argument(
+        "--mpp",
+        type=_mpp,
+        default=None,
+        metavar="UM_PER_PX",
+        help="level-0 µm/px of files that record none (PNG/JPEG fields, a TIFF without "
+        "resolution; a folder search then takes .png/.jpg too); a file's own is kept",
+    )
     _add_force_stain(p)
     _add_model(p)
     p.set_defaults(func=_cmd_batch)
@@ -649,6 +657,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             workers=args.workers,
             threads_per_worker=args.threads_per_worker,
             force=args.force,
+            mpp=args.mpp,
             on_event=report,
         )
     except KeyboardInterrupt:

@@ -892,6 +892,7 @@ def iter_score_slide(
                 "vendor": slide.vendor,
                 "dimensions": list(slide.dimensions),
                 "mpp": slide.mpp,
+                "mpp_source": slide.mpp_source,
                 "file_size": _input_size(path) if path else None,
                 "file_sha256": digest.result() if digest is not None else None,
             },
