@@ -4,26 +4,10 @@ Sets:
 
 - synthetic test slides (CD8, CD68, CD56; seeds never used in training), all cells and
   positive cells against the generator's truth;
-- the real labelled sets in ``../shared/data`` (validation only: their licences do not allow
-  training on them), each scored by what its labels mean (see each MANIFEST.md):
-
-  ============  ======  ========  ===============================================================
-  set           marker  µm/px     labels
-  ============  ======  ========  ===============================================================
-  lyon19        CD8     0.125     DAB-positive lymphocytes only (CD3/CD8; 512 px NuClick patches
-                                  upsampled about 2x from 0.24 µm/px)
-  deepliif      Ki67    0.25      positive and negative nuclei from co-registered IF (not every
-                                  nucleus is labelled)
-  dlubak        Ki67    0.5       positive and negative tumour nuclei, inside the ROI mask only
-  ehh2025       Ki67    1.0       positive nuclei (mild/moderate/strong) exhaustively; negatives
-                                  not exhaustive: positive-cell metrics only
-  endonuke      ER/PR   0.5       every nucleus (all-cell metrics only); only the validation id
-                                  hundreds (``ENDONUKE_VAL_HUNDREDS``), which the default model
-                                  was not trained on
-  ============  ======  ========  ===============================================================
-
-The µm/px of the real sets are not recorded in their files; the values above are estimates from
-nucleus sizes given in the MANIFESTs.
+- the real labelled sets in ``../shared/data`` (validation only, except EndoNuke's training
+  hundreds, which are left out: only ``ENDONUKE_VAL_HUNDREDS`` are scored), each scored by what
+  its labels mean; the table of sets, markers, estimated µm/px and label meanings is in
+  ``real_sets.py`` (and each set's MANIFEST.md).
 
 Run::
 

@@ -87,8 +87,23 @@ def point_targets(
     x = xy[:, 0] / stride - 0.5
     y = xy[:, 1] / stride - 0.5
     s = sigma_px / stride
-    r = math.ceil(3 * s)
     rad = radius_px / stride + 0.5
+    for k, rs, cs, d2 in gaussian_windows(x, y, s, (h, w)):
+        g = np.exp(-d2 / (2 * s**2)).astype(np.float32)
+        np.maximum(heat[rs, cs], g, out=heat[rs, cs])
+        if cls is not None and cls[k] > 0:
+            tcls[rs, cs][d2 <= rad**2] = int(cls[k])
+    return heat, tcls
+
+
+def gaussian_windows(
+    x: np.ndarray, y: np.ndarray, sigma: float, shape: tuple[int, int]
+) -> Iterator[tuple[int, slice, slice, np.ndarray]]:
+    """For each centre ``(x[k], y[k])`` (continuous px of a ``shape`` grid): ``k``, the row and
+    column slices of its 3-sigma window clipped to the grid, and the squared distance of each
+    window pixel to the centre; centres whose window lies outside the grid are skipped."""
+    h, w = shape
+    r = math.ceil(3 * sigma)
     for k, (cx, cy) in enumerate(zip(x, y)):
         c0, r0 = round(cx), round(cy)
         cs = slice(max(0, c0 - r), min(w, c0 + r + 1))
@@ -97,12 +112,7 @@ def point_targets(
             continue
         gx = np.arange(cs.start, cs.stop) - cx
         gy = np.arange(rs.start, rs.stop) - cy
-        d2 = gy[:, None] ** 2 + gx[None, :] ** 2
-        g = np.exp(-d2 / (2 * s**2)).astype(np.float32)
-        np.maximum(heat[rs, cs], g, out=heat[rs, cs])
-        if cls is not None and cls[k] > 0:
-            tcls[rs, cs][d2 <= rad**2] = int(cls[k])
-    return heat, tcls
+        yield k, rs, cs, gy[:, None] ** 2 + gx[None, :] ** 2
 
 
 def _lowres(rgb: np.ndarray, factor: float) -> np.ndarray:

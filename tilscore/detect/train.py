@@ -58,6 +58,8 @@ def make_targets(
     """
     from scipy.spatial import cKDTree
 
+    from .fit import gaussian_windows
+
     h, w = shape[0] // stride, shape[1] // stride
     heat = np.zeros((h, w), np.float32)
     cls = np.zeros((h, w), np.uint8)
@@ -66,16 +68,8 @@ def make_targets(
     x = cells["x"].to_numpy(float) / stride - 0.5
     y = cells["y"].to_numpy(float) / stride - 0.5
     sigma = sigma_um / (model_mpp * stride)
-    r = math.ceil(3 * sigma)
-    for cx, cy in zip(x, y):
-        c0, r0 = round(cx), round(cy)
-        cs = slice(max(0, c0 - r), min(w, c0 + r + 1))
-        rs = slice(max(0, r0 - r), min(h, r0 + r + 1))
-        if cs.start >= cs.stop or rs.start >= rs.stop:
-            continue
-        gx = np.arange(cs.start, cs.stop) - cx
-        gy = np.arange(rs.start, rs.stop) - cy
-        g = np.exp(-(gy[:, None] ** 2 + gx[None, :] ** 2) / (2 * sigma**2)).astype(np.float32)
+    for _, rs, cs, d2 in gaussian_windows(x, y, sigma, (h, w)):
+        g = np.exp(-d2 / (2 * sigma**2)).astype(np.float32)
         np.maximum(heat[rs, cs], g, out=heat[rs, cs])
     tree = cKDTree(np.c_[x, y])
     gy, gx = np.mgrid[0:h, 0:w]
