@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
+import shapely
 
 model = pytest.importorskip(
     "napari_tilscore.model", reason="the plugin is not installed (pip install -e napari_plugin)"
@@ -159,6 +161,7 @@ def test_finetune_corrections_exports_labels_then_calls_finetune(tmp_path, monke
 
     import tilscore
     from tilscore.errors import TilscoreError, TilscoreWarning
+    from tilscore.regions import Region, RegionSet
     from tilscore.review import Review
 
     monkeypatch.setattr(model, "finetune_function", lambda: None)
@@ -171,12 +174,29 @@ def test_finetune_corrections_exports_labels_then_calls_finetune(tmp_path, monke
     review.set_positive([0])
     seen = []
 
-    def fake(labels, out):
-        seen.append((labels, out))
-        return out
+    def fake(images, labels, *, out, mpp, progress, cancel):
+        seen.append((len(images), out))
+        progress(1, 1, {})
+        return SimpleNamespace(folder=out)
 
     monkeypatch.setattr(model, "finetune_function", lambda: fake)
     gen = model.finetune_corrections([review], tmp_path / "l", tmp_path / "m")
+    # an image scored in memory has no file to cut fields from: said before any training
+    with pytest.raises(TilscoreError, match="no slide file"):
+        list(gen)
+    assert (tmp_path / "l" / "image.csv").is_file()
+    assert seen == []
+    # a slide file: fields around the edit, then finetune with progress
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TilscoreWarning)
+        scored = tilscore.score_slide(
+            example_slide_path("CD8"),
+            "CD8",
+            regions=RegionSet([Region("roi", shapely.box(1600, 1100, 2000, 1500), "ROI")], "t"),
+        )
+    review = Review(scored)
+    review.set_positive([0])
+    gen = model.finetune_corrections([review], tmp_path / "l2", tmp_path / "m")
     steps = []
     while True:
         try:
@@ -185,7 +205,6 @@ def test_finetune_corrections_exports_labels_then_calls_finetune(tmp_path, monke
             value = stop.value
             break
     assert value == tmp_path / "m"
-    assert steps == [("labels", 0, 1), ("labels", 1, 1)]
-    assert seen == [(tmp_path / "l" / "labels.json", tmp_path / "m")]
-    assert (tmp_path / "l" / "image.csv").is_file()
+    assert steps == [("labels", 0, 1), ("labels", 1, 1), ("fine-tuning", 1, 1)]
+    assert seen[0][0] >= 1
     assert "1 edits by" in model.counts_text(review)

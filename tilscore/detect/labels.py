@@ -342,6 +342,14 @@ def read_label_export(
     tables: list[pd.DataFrame] = []
     for entry in entries:
         table = read_labels(manifest_path.parent / entry["labels"])
+        if not entry.get("slide"):
+            raise LabelError(
+                f"{entry.get('slide_id')}: scored from an image in memory, so there is no slide "
+                "file to cut the fields from",
+                path=manifest_path,
+                hint="save the image (PNG/TIFF) and score the file, or pass the image and its "
+                f"CSV {entry['labels']} to tilscore.detect.finetune directly",
+            )
         slide = open_slide(entry["slide"], mpp=entry.get("mpp"))
         width, height = slide.dimensions
         scale = mpp / slide.mpp  # level-0 px per field px
