@@ -170,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a slide: cells per compartment, densities, %% positive, report",
         description="Score one slide end to end: tissue and stain QC, cell detection, regions "
         "(annotations, or automatic tumour/stroma segmentation), and per-compartment metrics. "
-        "Writes summary.csv, cells.parquet, cells.geojson, regions.geojson, overlay.png, "
-        "heatmap.png, run.json and report.html into the output folder.",
+        "Writes summary.csv, cells.parquet, cells.geojson, regions.geojson, "
+        "compartments.geojson (the compartments scored, for QuPath), overlay.png, heatmap.png, "
+        "run.json and report.html into the output folder.",
     )
     p.add_argument("slide", type=Path, help="slide or image file")
     p.add_argument("--marker", default="CD8", help="marker preset (default CD8)")
