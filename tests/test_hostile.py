@@ -489,13 +489,16 @@ def test_family_of_bad_inputs_is_one_line_exit_2(tmp_path):
     nested = tmp_path / "nested.geojson"
     nested.write_text('{"type": "FeatureCollection", "features": ' + "[" * 50_000 + "]" * 50_000
                       + "}")  # fmt: skip
+    deep_toml = tmp_path / "deep.toml"
+    deep_toml.write_text("a = " + "[" * 50_000 + "]" * 50_000)
     fifo = tmp_path / "pipe.tif"
     os.mkfifo(fifo)
     afile = tmp_path / "afile"
     afile.write_text("x")
     cases = [
         (("score", SLIDE, "-o", tmp_path / "o", "--config", folder), "folder"),
-        (("score", SLIDE, "-o", tmp_path / "o", "--regions", nested), "nested too deeply"),
+        (("score", SLIDE, "-o", tmp_path / "o", "--regions", nested), "nested.geojson: the JSON"),
+        (("score", SLIDE, "-o", tmp_path / "o", "--config", deep_toml), "deep.toml: the TOML"),
         (("detect", SLIDE, "--region", "0,0,inf,100", "-o", tmp_path / "c.csv"), "finite"),
         (("detect", SLIDE, "-o", afile / "c.csv"), "is a file"),
         (("score", fifo, "--mpp", "0.5", "-o", tmp_path / "o"), "not a regular file"),

@@ -387,6 +387,10 @@ def _load_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError("config file not found", path=path, hint="check the path") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"invalid TOML: {exc}", path=path) from None
+    except RecursionError:
+        raise ConfigError(
+            "the TOML is nested too deeply to read (a crafted or broken file?)", path=path
+        ) from None
 
 
 def load_marker_config(path: str | os.PathLike) -> dict[str, MarkerRule]:

@@ -272,6 +272,12 @@ class RegionSet:
                     path=path,
                     hint="regions must be GeoJSON (QuPath: File > Export objects as GeoJSON)",
                 ) from None
+            except RecursionError:
+                raise RegionError(
+                    "the JSON is nested too deeply to read (a crafted or broken file?)",
+                    path=path,
+                    hint="regions must be GeoJSON (QuPath: File > Export objects as GeoJSON)",
+                ) from None
         else:
             data = source
         if isinstance(data, Mapping) and data.get("type") == "FeatureCollection":

@@ -152,6 +152,8 @@ def _read_geojson(path: str) -> pd.DataFrame:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LabelError(f"not valid JSON ({exc.msg} at line {exc.lineno})", path=path) from None
+    except RecursionError:
+        raise LabelError("the JSON is nested too deeply to read", path=path) from None
     feats = data.get("features", [data]) if isinstance(data, dict) else data
     rows: list[tuple[float, float, str | None]] = []
     regions = 0
@@ -332,7 +334,7 @@ def read_label_export(
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         entries = list(manifest["slides"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise LabelError(
             f"not a label export ({exc.__class__.__name__}: {exc})",
             path=manifest_path,
