@@ -389,6 +389,13 @@ def test_corrections_export_as_finetuning_labels(scored, tmp_path):
     scored.save(unreviewed)
     with pytest.raises(TilscoreError, match="no review edits"):
         export_labels([unreviewed], tmp_path / "labels2")
+    # the same from a shell
+    from tilscore.cli import main as cli_main
+
+    assert cli_main(["export-labels", str(tmp_path / "a"), "-o", str(tmp_path / "l3")]) == 0
+    assert pd.read_csv(tmp_path / "l3" / "synthetic_cd8.csv").equals(table)
+    assert cli_main(["export-labels", str(unreviewed), "-o", str(tmp_path / "l4")]) == 2
+    assert cli_main(["export-labels", str(unreviewed), "-o", str(tmp_path / "l4"), "--all"]) == 0
 
 
 def test_exported_labels_become_fields_and_a_fine_tuned_model(scored, tmp_path):

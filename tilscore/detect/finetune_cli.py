@@ -12,7 +12,21 @@ from ..errors import ConfigError
 
 
 def add_finetune_parser(sub) -> None:
-    """Add the ``finetune`` subcommand to the CLI's subparsers."""
+    """Add the ``finetune`` and ``export-labels`` subcommands to the CLI's subparsers."""
+    e = sub.add_parser(
+        "export-labels",
+        help="write the corrected cells of reviewed result folders as fine-tuning labels",
+        description="Write the cells of reviewed result folders (review.jsonl beside the "
+        "results) as fine-tuning labels: one CSV x,y,positive,cell_class per slide (level-0 px) "
+        "and labels.json, for tilscore finetune --reviewed DIR.",
+    )
+    e.add_argument("results", nargs="+", type=Path, metavar="RESULT_DIR", help="result folders")
+    e.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="labels folder")
+    e.add_argument(
+        "--all", action="store_true", help="also results without review edits (detector's cells)"
+    )
+    e.set_defaults(func=cmd_export_labels)
+
     p = sub.add_parser(
         "finetune",
         help="fine-tune the cell detector on your own labelled fields; writes a model folder",
@@ -119,5 +133,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     print(
         f"validation F1 {a['before']['f1']:.3f} -> {a['after']['f1']:.3f}; wrote {result.folder} "
         f"(use --model {result.folder})"
+    )
+    return 0
+
+
+def cmd_export_labels(args: argparse.Namespace) -> int:
+    """Run ``tilscore export-labels``."""
+    from ..outdir import check_output_dir
+    from ..results import export_labels
+
+    check_output_dir(args.output, "labels folder")
+    manifest = export_labels(list(args.results), args.output, reviewed_only=not args.all)
+    n = sum(e["n_cells"] for e in manifest["slides"])
+    print(
+        f"wrote the labels of {len(manifest['slides'])} slide(s), {n} cells, to {args.output} "
+        f"(tilscore finetune --reviewed {args.output} -o MODEL_DIR)"
     )
     return 0
