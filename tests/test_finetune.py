@@ -322,3 +322,26 @@ def test_fields_given_directly_skip_reading(field, tmp_path):
         [f, f], out=tmp_path / "m", base_model="synthetic", steps=4, batch_size=2, crop_px=128
     )
     assert res.metrics["data"]["cells"] == 2 * len(truth)
+
+
+def test_one_image_is_split_into_halves_with_its_own_cells(field):
+    """One labelled image: training and validation halves keep the cells at their pixels."""
+    from tilscore.detect.finetuning import split_fields
+
+    rgb, truth = field
+    for img in (rgb, rgb[:, : rgb.shape[1] // 2 + 40], rgb[: rgb.shape[0] // 2 + 40]):
+        h, w = img.shape[:2]
+        xy = truth[["x", "y"]].to_numpy(float)
+        xy = xy[(xy[:, 0] < w) & (xy[:, 1] < h)]
+        f = Field(img, 0.5, xy, name="one")
+        (a,), (b,) = split_fields([f], 0.25, 0)
+        assert len(a.xy) + len(b.xy) == len(xy)
+        for half in (a, b):
+            hh, ww = half.rgb.shape[:2]
+            assert (half.xy[:, 0] <= ww).all()
+            assert (half.xy[:, 1] <= hh).all()
+            # the pixel under each cell is the same as in the whole image
+            off = (0, 0) if half is a else ((w - ww, 0) if ww < w else (0, h - hh))
+            cols = half.xy[:, 0].astype(int).clip(0, ww - 1)
+            rows = half.xy[:, 1].astype(int).clip(0, hh - 1)
+            assert np.array_equal(half.rgb[rows, cols], img[rows + off[1], cols + off[0]])

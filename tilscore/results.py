@@ -324,6 +324,7 @@ def export_labels(
                 "marker": res.marker,
                 "n_cells": len(cells),
                 "edited_box_px": edited_box,
+                "scored_box_px": _scored_box(res),
                 "review": (review_prov or {}).get("counts"),
             }
         )
@@ -337,6 +338,15 @@ def export_labels(
         folder / "labels.json", lambda p: p.write_text(json.dumps(to_jsonable(manifest), indent=1))
     )
     return manifest
+
+
+def _scored_box(res: Any) -> list[float] | None:
+    """Level-0 box ``[x, y, width, height]`` of the area the result scored (None: unknown)."""
+    area = getattr(res, "scored_area", None)
+    if area is None or area.is_empty:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in area.bounds)
+    return [x0, y0, x1 - x0, y1 - y0]
 
 
 def _load_review_or_none(folder: Any) -> Review | None:

@@ -144,9 +144,10 @@ def _half(f: Field, which: int) -> Field:
     axis = 1 if w >= h else 0
     cut = (w if axis == 1 else h) // 2
     lo, hi = (0, cut) if which == 0 else (cut, w if axis == 1 else h)
-    keep = (f.xy[:, axis] >= lo) & (f.xy[:, axis] < hi)
+    coord = 0 if axis == 1 else 1  # columns are x (xy[:, 0]), rows are y (xy[:, 1])
+    keep = (f.xy[:, coord] >= lo) & (f.xy[:, coord] < hi)
     xy = f.xy[keep].copy()
-    xy[:, axis] -= lo
+    xy[:, coord] -= lo
     rgb = f.rgb[:, lo:hi] if axis == 1 else f.rgb[lo:hi]
     sub = None if f.cls is None else f.cls[keep]
     pos = None if f.positive is None else f.positive[keep]

@@ -317,8 +317,9 @@ def read_label_export(
 
     ``folder`` is what :func:`tilscore.results.export_labels` (napari's *Export labels…*)
     writes: ``labels.json`` and one CSV of level-0 px per slide. From each slide the box that
-    holds the review's edits, grown by ``margin_um`` (at least one ``field_um`` square), is read
-    at ``mpp`` and cut into fields of at most ``field_um``; each field keeps the cells inside it
+    holds the review's edits, grown by ``margin_um`` (at least one ``field_um`` square) but kept
+    within the box of the scored area, is read at ``mpp`` and cut into fields of at most
+    ``field_um``; each field keeps the cells inside it
     (fields without a cell are left out). Every cell the detector found there and the reviewer
     kept, added or re-called is a label: review a box completely before fine-tuning on it.
 
@@ -358,9 +359,15 @@ def read_label_export(
         box = entry.get("edited_box_px") or [0, 0, width, height]
         grow = margin_um / slide.mpp
         side = field_um / slide.mpp
-        x0, y0 = max(0.0, box[0] - grow), max(0.0, box[1] - grow)
-        x1 = min(float(width), max(box[0] + box[2] + grow, x0 + side))
-        y1 = min(float(height), max(box[1] + box[3] + grow, y0 + side))
+        # within the scored area's box: cells beyond it were never detected nor reviewed
+        sx, sy, sw, sh = entry.get("scored_box_px") or [0, 0, width, height]
+        lo_x, lo_y = max(0.0, sx), max(0.0, sy)
+        hi_x, hi_y = min(float(width), sx + sw), min(float(height), sy + sh)
+        x0, y0 = max(lo_x, box[0] - grow), max(lo_y, box[1] - grow)
+        x1 = min(hi_x, max(box[0] + box[2] + grow, x0 + side))
+        y1 = min(hi_y, max(box[1] + box[3] + grow, y0 + side))
+        if x1 - x0 < 1 or y1 - y0 < 1:  # the edits lie outside the scored area
+            continue
         nx, ny = max(1, round((x1 - x0) / side)), max(1, round((y1 - y0) / side))
         xs, ys = np.linspace(x0, x1, nx + 1), np.linspace(y0, y1, ny + 1)
         for i in range(ny):
