@@ -351,39 +351,23 @@ class Review(AuditTrailFile):
 
     def undo(self) -> EditRecord | None:
         """Take back the last edit (recorded as an "undo" edit); None when nothing to undo."""
-        if not self._undo:
-            return None
-        ref = self._undo[-1]
-        orig = self.records[ref - 1]
-        return self._append(
-            EditRecord(
-                len(self.records) + 1,
-                _now(),
-                self.user,
-                "undo",
-                orig.ids,
-                orig.after,
-                orig.before,
-                ref,
-            )
-        )
+        return self._again("undo", self._undo)
 
     def redo(self) -> EditRecord | None:
         """Put back the last edit taken back; None when nothing to redo."""
-        if not self._redo:
+        return self._again("redo", self._redo)
+
+    def _again(self, action: str, stack: list[int]) -> EditRecord | None:
+        """Record ``action`` for the edit on top of ``stack``: its values swapped for an undo,
+        as they were for a redo."""
+        if not stack:
             return None
-        ref = self._redo[-1]
+        ref = stack[-1]
         orig = self.records[ref - 1]
+        before, after = (orig.after, orig.before) if action == "undo" else (orig.before, orig.after)
         return self._append(
             EditRecord(
-                len(self.records) + 1,
-                _now(),
-                self.user,
-                "redo",
-                orig.ids,
-                orig.before,
-                orig.after,
-                ref,
+                len(self.records) + 1, _now(), self.user, action, orig.ids, before, after, ref
             )
         )
 
